@@ -1,0 +1,68 @@
+"""Access to the training set as full passes (exact, CG) or seeded random batches (LiSSA)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from lightning_fastif.functional.batches import move_batch
+
+
+class TrainingSet:
+    """A map-style dataset with a collate function, read in full passes or in seeded random batches.
+
+    Args:
+        dataset: A map-style ``Dataset`` whose items collate with ``collate_fn``.
+        collate_fn: Turns a list of items into a batch. Defaults to torch's ``default_collate``.
+        device: Device that batches are moved to.
+        dtype: Floating tensors of each batch are cast to this dtype when given.
+        indices: Restrict the set to these dataset positions.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise TypeError("The training set must be a map-style Dataset with __len__.") from err
+        if size == 0:
+            raise ValueError("The training set is empty: influence needs at least one training example.")
+        self.dataset = dataset
+        self.collate_fn = collate_fn or default_collate
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.indices = list(range(size)) if indices is None else [int(i) for i in indices]
+        if not self.indices:
+            raise ValueError("The list of training indices is empty: influence needs at least one training example.")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, positions: Sequence[int]) -> Any:
+        """Collate the items at the given dataset positions into one batch on the target device."""
+        items = [self.dataset[i] for i in positions]
+        return move_batch(self.collate_fn(items), self.device, self.dtype)
+
+    def full_pass(self, batch_size: int) -> Iterator[tuple[Any, int]]:
+        """Yield ``(batch, size)`` over every example once, in order."""
+        for start in range(0, len(self.indices), batch_size):
+            chunk = self.indices[start : start + batch_size]
+            yield self.batch(chunk), len(chunk)
+
+    def random_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Any]:
+        """Yield batches drawn without replacement within an epoch and reshuffled each epoch, forever."""
+        size = min(batch_size, len(self.indices))
+        while True:
+            order = torch.randperm(len(self.indices), generator=generator).tolist()
+            for start in range(0, len(order) - size + 1, size):
+                yield self.batch([self.indices[j] for j in order[start : start + size]])

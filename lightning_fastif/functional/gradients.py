@@ -1,0 +1,186 @@
+"""Losses as functions of the selected parameters, per-example gradients and Hessian-vector products."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_fastif.functional.batches import LossFn, batch_size_of, check_finite, checked_loss, slice_batch
+from lightning_fastif.functional.params import ParameterSelection
+
+log = logging.getLogger(__name__)
+
+Vectorize = Literal["auto", "vmap", "loop"]
+
+
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class FunctionalLoss:
+    """The user's mean batch loss as a function of the selected parameters, plus an optional L2 term.
+
+    The objective is ``loss_fn(model, batch) + weight_decay * ||theta||^2`` over the selected parameters.
+    The L2 term always enters Hessian-vector products. It enters gradients only when
+    ``weight_decay_in_gradients`` is true, as FastIF's reference code does; that shifts every score towards
+    "helpful", so it is off by default.
+
+    Args:
+        model: The model. Its parameters are never modified.
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss over the batch as a scalar.
+        selection: The parameters to differentiate.
+        weight_decay: Coefficient of ``||theta||^2`` in the training objective.
+        weight_decay_in_gradients: Add the L2 gradient ``2 * weight_decay * theta`` to every gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        selection: ParameterSelection,
+        *,
+        weight_decay: float = 0.0,
+        weight_decay_in_gradients: bool = False,
+    ) -> None:
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, but got {weight_decay}.")
+        self.model = model
+        self.selection = selection
+        self.weight_decay = weight_decay
+        self.weight_decay_in_gradients = weight_decay_in_gradients
+        self._module = _LossModule(model, loss_fn)
+        selected = set(selection.names)
+        # Every other parameter and buffer enters detached, so no graph is built through frozen weights.
+        self._frozen = {f"model.{name}": p.detach() for name, p in model.named_parameters() if name not in selected}
+
+    def params(self) -> tuple[Tensor, ...]:
+        """Return the current values of the selected parameters, detached."""
+        return self.selection.tensors(self.model)
+
+    def loss(self, params: tuple[Tensor, ...], batch: Any) -> Tensor:
+        """Return the user's mean loss over ``batch`` at ``params`` (no L2 term)."""
+        mapping = {f"model.{name}": p for name, p in zip(self.selection.names, params, strict=True)}
+        mapping.update(self._frozen)
+        return checked_loss(functional_call(self._module, mapping, (batch,)), where="on a batch")
+
+    def l2(self, params: tuple[Tensor, ...]) -> Tensor:
+        return self.weight_decay * sum((p * p).sum() for p in params)
+
+    def gradient(self, batch: Any) -> Tensor:
+        """Return the flat gradient ``[P]`` of the mean loss over ``batch``."""
+        params = tuple(p.requires_grad_(True) for p in (t.clone() for t in self.params()))
+        loss = self.loss(params, batch)
+        check_finite(loss, where="on the query batch")
+        grads = torch.autograd.grad(loss, params)
+        flat = self.selection.flatten(grads)
+        if self.weight_decay_in_gradients and self.weight_decay:
+            flat = flat + 2 * self.weight_decay * self.selection.flatten(self.params())
+        return flat
+
+    def per_example_gradients(self, batch: Any, *, vectorize: Vectorize = "auto") -> Tensor:
+        """Return the flat gradient of each example's loss, shape ``[B, P]``.
+
+        ``vectorize="vmap"`` uses ``torch.func.vmap`` over ``torch.func.grad``; ``"loop"`` differentiates one
+        example at a time; ``"auto"`` tries vmap and falls back to the loop (once, with a log message) for
+        models that vmap cannot handle.
+        """
+        size = batch_size_of(batch)
+        if vectorize == "loop":
+            grads = self._per_example_loop(batch, size)
+        elif vectorize == "vmap":
+            grads = self._per_example_vmap(batch)
+        elif vectorize == "auto":
+            try:
+                grads = self._per_example_vmap(batch)
+            except (RuntimeError, NotImplementedError, TypeError) as err:
+                log.info("vmap failed on this model (%s); computing per-example gradients in a loop.", err)
+                grads = self._per_example_loop(batch, size)
+        else:
+            raise ValueError(f"`vectorize` must be 'auto', 'vmap' or 'loop', but got {vectorize!r}.")
+        if not torch.isfinite(grads).all():
+            raise ValueError("Per-example gradients contain NaN or inf. Check the loss of the training examples.")
+        if self.weight_decay_in_gradients and self.weight_decay:
+            grads = grads + 2 * self.weight_decay * self.selection.flatten(self.params())
+        return grads
+
+    def _per_example_vmap(self, batch: Any) -> Tensor:
+        params = self.params()
+
+        def single_loss(p: tuple[Tensor, ...], example: Any) -> Tensor:
+            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+            return self.loss(p, one)
+
+        in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+        grads = vmap(grad(single_loss), in_dims=(None, in_dims), randomness="different")(params, batch)
+        return self.selection.flatten_batched(grads)
+
+    def _per_example_loop(self, batch: Any, size: int) -> Tensor:
+        rows = []
+        for i in range(size):
+            params = tuple(t.clone().requires_grad_(True) for t in self.params())
+            loss = self.loss(params, slice_batch(batch, i, i + 1))
+            rows.append(self.selection.flatten(torch.autograd.grad(loss, params)))
+        return torch.stack(rows)
+
+    def hvp(self, batch: Any, vector: Tensor) -> Tensor:
+        """Return ``H v`` (flat ``[P]``) for the Hessian of the mean loss over ``batch`` plus the L2 term.
+
+        The graph is freed before returning, so repeated calls keep memory flat.
+        """
+        params = tuple(t.clone().requires_grad_(True) for t in self.params())
+        loss = self.loss(params, batch)
+        check_finite(loss, where="on a training batch")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        pieces = self.selection.unflatten(vector.to(dtype=params[0].dtype))
+        product = torch.autograd.grad(grads, params, grad_outputs=pieces, allow_unused=True)
+        product = tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
+        flat = self.selection.flatten(product).detach()
+        if self.weight_decay:
+            flat = flat + 2 * self.weight_decay * vector
+        return flat
+
+    def hessian(self, batch: Any, *, chunk_size: int = 256) -> Tensor:
+        """Return the explicit Hessian ``[P, P]`` of the mean loss over ``batch`` (no L2 term)."""
+        params = tuple(t.clone().requires_grad_(True) for t in self.params())
+        loss = self.loss(params, batch)
+        check_finite(loss, where="on a training batch")
+        grads = self.selection.flatten(torch.autograd.grad(loss, params, create_graph=True))
+        numel = grads.numel()
+        rows = []
+        eye = torch.eye(numel, dtype=grads.dtype, device=grads.device)
+        for start in range(0, numel, chunk_size):
+            basis = eye[start : start + chunk_size]
+            chunk = torch.autograd.grad(
+                grads, params, grad_outputs=basis, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+            chunk = tuple(
+                torch.zeros(basis.shape[0], *p.shape, dtype=p.dtype, device=p.device) if c is None else c
+                for c, p in zip(chunk, params, strict=True)
+            )
+            rows.append(self.selection.flatten_batched(chunk).detach())
+        return torch.cat(rows)
+
+
+def mean_over_batches(values: Iterable[tuple[Tensor, int]]) -> Tensor:
+    """Average per-batch results weighted by batch size, so the result is the mean over all examples."""
+    total: Tensor | None = None
+    count = 0
+    for value, size in values:
+        total = value * size if total is None else total + value * size
+        count += size
+    if total is None:
+        raise ValueError("No batches to average over: the training set is empty.")
+    return total / count

@@ -1,0 +1,192 @@
+"""The functional entry point: influence scores of training examples on a query, for any ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch
+from lightning_fastif.functional.data import TrainingSet
+from lightning_fastif.functional.gradients import FunctionalLoss, Vectorize
+from lightning_fastif.functional.params import ParameterSpec, influence_mode, select_parameters
+from lightning_fastif.functional.scores import influence_scores
+from lightning_fastif.functional.solvers import IHVPSolver, make_solver
+
+QueryMode = Literal["mean", "each"]
+
+
+class InfluenceComputer:
+    """Influence of training examples on queries: gradients, the ihvp ``s_test`` and scores.
+
+    The model runs in eval mode (dropout off, batch-norm statistics frozen) during every call and its
+    modes, ``requires_grad`` flags and weights are as they were afterwards.
+
+    Args:
+        model: Any ``nn.Module``.
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss over ``batch`` as a scalar tensor.
+        train_dataset: Map-style dataset of training examples. ``H`` is the Hessian of the mean loss over it.
+        solver: An ``IHVPSolver`` or one of "exact", "cg", "lissa".
+        parameters: Which parameters to differentiate; see :func:`select_parameters`.
+        weight_decay: Coefficient of the ``weight_decay * ||theta||^2`` term of the training objective. It
+            always enters the Hessian.
+        weight_decay_in_gradients: Also add the L2 gradient to query and training gradients, as FastIF's
+            reference code does. Off by default because it shifts every score towards "helpful".
+        collate_fn: Collates training items; defaults to torch's ``default_collate``.
+        gradient_batch_size: Training examples per batch when per-example gradients are computed.
+        vectorize: "auto", "vmap" or "loop" for per-example gradients.
+        solver_options: Options of the named solver, for example ``damping``, ``scale``, ``depth``,
+            ``repeats``, ``batch_size`` and ``seed`` for LiSSA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_dataset: Dataset,
+        *,
+        solver: str | IHVPSolver = "lissa",
+        parameters: ParameterSpec = None,
+        weight_decay: float = 0.0,
+        weight_decay_in_gradients: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        gradient_batch_size: int = 32,
+        vectorize: Vectorize = "auto",
+        **solver_options: Any,
+    ) -> None:
+        if gradient_batch_size <= 0:
+            raise ValueError(f"`gradient_batch_size` must be a positive integer, but got {gradient_batch_size}.")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("The model has no parameters, so there is nothing to differentiate.")
+        self.model = model
+        self.device = first.device
+        self.dtype = first.dtype
+        self.selection = select_parameters(model, parameters)
+        self.loss = FunctionalLoss(
+            model,
+            loss_fn,
+            self.selection,
+            weight_decay=weight_decay,
+            weight_decay_in_gradients=weight_decay_in_gradients,
+        )
+        self.train = TrainingSet(train_dataset, collate_fn=collate_fn, device=self.device, dtype=self.dtype)
+        self.solver = solver if isinstance(solver, IHVPSolver) else make_solver(solver, **solver_options)
+        if isinstance(solver, IHVPSolver) and solver_options:
+            raise TypeError(f"Solver options {sorted(solver_options)} were given with a solver object; set them on it.")
+        self.gradient_batch_size = gradient_batch_size
+        self.vectorize = vectorize
+
+    def query_gradients(self, query_batch: Any, *, mode: QueryMode = "mean") -> Tensor:
+        """Return query gradients: ``[1, P]`` for the batch's mean loss, or ``[B, P]`` with ``mode="each"``."""
+        batch_size_of(query_batch, name="query_batch")
+        batch = move_batch(query_batch, self.device, self.dtype)
+        with influence_mode(self.model):
+            if mode == "mean":
+                return self.loss.gradient(batch).unsqueeze(0)
+            if mode == "each":
+                return self.loss.per_example_gradients(batch, vectorize=self.vectorize)
+        raise ValueError(f"`mode` must be 'mean' or 'each', but got {mode!r}.")
+
+    def ihvp(self, query_gradients: Tensor) -> Tensor:
+        """Return ``s_test``, the ihvp of each query gradient, shape ``[Q, P]``."""
+        with influence_mode(self.model):
+            return self.solver.solve(self.loss, self.train, query_gradients)
+
+    def train_gradients(self, indices: Sequence[int]) -> Tensor:
+        """Return per-example gradients of the given training examples, shape ``[len(indices), P]``."""
+        with influence_mode(self.model):
+            return self.loss.per_example_gradients(self.train.batch(list(indices)), vectorize=self.vectorize)
+
+    def scores(
+        self,
+        ihvps: Tensor,
+        indices: Sequence[int] | None = None,
+        *,
+        divide_by_train_size: bool = False,
+        progress: bool = False,
+    ) -> Tensor:
+        """Score training examples against each ``s_test`` without keeping all their gradients in memory.
+
+        Args:
+            ihvps: ``s_test`` vectors, shape ``[Q, P]``.
+            indices: Dataset positions of the candidates; defaults to the whole training set.
+            divide_by_train_size: Divide every score by the training-set size.
+            progress: Show a progress bar.
+
+        Returns:
+            Scores of shape ``[Q, len(indices)]``; negative is helpful, positive is harmful.
+        """
+        positions = self.train.indices if indices is None else [int(i) for i in indices]
+        chunks = []
+        starts = range(0, len(positions), self.gradient_batch_size)
+        with influence_mode(self.model):
+            for start in tqdm(starts, desc="Scoring candidates", disable=not progress, leave=False):
+                chunk = positions[start : start + self.gradient_batch_size]
+                grads = self.loss.per_example_gradients(self.train.batch(chunk), vectorize=self.vectorize)
+                chunks.append(influence_scores(grads, ihvps))
+        scores = torch.cat(chunks, dim=1)
+        if divide_by_train_size:
+            scores = scores / len(self.train)
+        return scores
+
+    def compute(self, query_batch: Any, indices: Sequence[int] | None = None, *, mode: QueryMode = "mean") -> Tensor:
+        """Return scores ``[Q, N]`` of the candidates (default: every training example) on the queries."""
+        return self.scores(self.ihvp(self.query_gradients(query_batch, mode=mode)), indices)
+
+
+def compute_influences(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_dataset: Dataset,
+    query_batch: Any,
+    solver: str = "lissa",
+    weight_decay: float = 0.0,
+    **solver_options: Any,
+) -> Tensor:
+    """Compute the influence of every training example on the mean loss of a query batch.
+
+    A score is ``-grad L(query)^T H^-1 grad L(train)``: the predicted change of the query loss when the
+    training example is up-weighted. Negative is helpful, positive is harmful.
+
+    Args:
+        model: Any ``nn.Module``.
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss over the batch.
+        train_dataset: Map-style dataset whose items collate with ``default_collate`` (or ``collate_fn``).
+        query_batch: An already collated batch; its mean loss is the query.
+        solver: "exact", "cg" or "lissa".
+        weight_decay: Coefficient of ``||theta||^2`` in the training objective; enters the Hessian.
+        solver_options: Solver options (``damping``, ``scale``, ``depth``, ``repeats``, ``batch_size``,
+            ``seed``, ``progress``, ...) and the :class:`InfluenceComputer` options ``parameters``,
+            ``weight_decay_in_gradients``, ``collate_fn``, ``gradient_batch_size``, ``vectorize``, plus
+            ``divide_by_train_size``.
+
+    Returns:
+        Scores of shape ``(len(train_dataset),)`` in dataset order.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_fastif import compute_influences
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(3, 1)
+        >>> x, y = torch.randn(20, 3), torch.randn(20, 1)
+        >>> train = torch.utils.data.TensorDataset(x, y)
+        >>> loss_fn = lambda m, batch: ((m(batch[0]) - batch[1]) ** 2).mean()
+        >>> scores = compute_influences(model, loss_fn, train, (x[:2], y[:2]), solver="exact", damping=0.01)
+        >>> scores.shape
+        torch.Size([20])
+    """
+    computer_keys = ("parameters", "weight_decay_in_gradients", "collate_fn", "gradient_batch_size", "vectorize")
+    computer_options = {key: solver_options.pop(key) for key in computer_keys if key in solver_options}
+    divide = bool(solver_options.pop("divide_by_train_size", False))
+    computer = InfluenceComputer(
+        model, loss_fn, train_dataset, solver=solver, weight_decay=weight_decay, **computer_options, **solver_options
+    )
+    ihvps = computer.ihvp(computer.query_gradients(query_batch))
+    return computer.scores(ihvps, divide_by_train_size=divide)[0]

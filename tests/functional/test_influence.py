@@ -1,0 +1,253 @@
+"""compute_influences: scores against leave-one-out retraining, model state, and bad input."""
+
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_fastif import InfluenceComputer, compute_influences
+from lightning_fastif.functional import influence_mode
+from tests.helpers.problems import fit_logistic, logistic_problem
+
+LOO_MIN_CORRELATION = 0.95
+
+
+def test_scores_match_leave_one_out_retraining():
+    problem = logistic_problem(n=100, d=10, weight_decay=0.01, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    query_x = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    query_y = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    scores = compute_influences(
+        problem.model, problem.loss_fn, problem.dataset, (query_x, query_y), solver="exact", weight_decay=0.01
+    )
+    theta = problem.model.weight.detach()[0]
+
+    def query_loss(weights: torch.Tensor) -> float:
+        logits = query_x @ weights
+        return float(nn.functional.binary_cross_entropy_with_logits(logits, query_y))
+
+    base = query_loss(theta)
+    actual = []
+    for i in range(len(problem.dataset)):
+        keep = torch.ones(len(problem.dataset), dtype=torch.float64)
+        keep[i] = 0.0
+        actual.append(query_loss(fit_logistic(problem.x, problem.y, 0.01, keep, init=theta)) - base)
+    actual = torch.tensor(actual)
+    # Removing example i is up-weighting it by -1/n, so the predicted change is -score / n.
+    predicted = -scores / len(problem.dataset)
+    assert pearsonr(predicted, actual).statistic >= LOO_MIN_CORRELATION
+    assert spearmanr(predicted, actual).statistic >= LOO_MIN_CORRELATION
+    # Signs: the examples whose removal raises the query loss most are the most helpful (most negative).
+    assert actual[scores.argmin()] > 0
+    assert actual[scores.argmax()] < 0
+
+
+def test_solvers_agree_through_entry_point():
+    problem = logistic_problem()
+    query = (problem.x[:4], problem.y[:4])
+    exact = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, solver="exact", damping=0.01)
+    cg = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, solver="cg", damping=0.01)
+    lissa = compute_influences(
+        problem.model,
+        problem.loss_fn,
+        problem.dataset,
+        query,
+        solver="lissa",
+        damping=0.002,
+        scale=5.0,
+        depth=2000,
+        batch_size=100,
+    )
+    assert exact.shape == (100,)
+    torch.testing.assert_close(cg, exact, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(lissa, exact, rtol=1e-6, atol=1e-10)
+
+
+def test_weight_decay_in_gradients_shifts_towards_helpful():
+    problem = logistic_problem()
+    query = (problem.x[:4], problem.y[:4])
+    common = dict(solver="exact", weight_decay=0.01)
+    plain = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, **common)
+    shifted = compute_influences(
+        problem.model, problem.loss_fn, problem.dataset, query, weight_decay_in_gradients=True, **common
+    )
+    assert not torch.allclose(plain, shifted)
+
+
+def test_divide_by_train_size():
+    problem = logistic_problem()
+    query = (problem.x[:2], problem.y[:2])
+    plain = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, solver="exact")
+    divided = compute_influences(
+        problem.model, problem.loss_fn, problem.dataset, query, solver="exact", divide_by_train_size=True
+    )
+    torch.testing.assert_close(divided, plain / 100)
+
+
+def mlp_with_dropout_and_batchnorm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+
+
+def mlp_setup():
+    model = mlp_with_dropout_and_batchnorm()
+    x = torch.randn(30, 4, dtype=torch.float64)
+    y = torch.randn(30, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]).squeeze(-1) - batch[1]) ** 2).mean()
+
+    return model, TensorDataset(x, y), (x[:5], y[:5]), loss_fn
+
+
+def test_model_state_is_restored():
+    model, train, query, loss_fn = mlp_setup()
+    model[0].weight.requires_grad_(False)
+    model.train()
+    model[3].eval()  # a mixed mode must come back exactly as it was
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    compute_influences(model, loss_fn, train, query, solver="lissa", depth=5, scale=100.0)
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+        assert p.grad is None, name
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
+def test_dropout_is_off_during_influence():
+    model, train, query, loss_fn = mlp_setup()
+    model.train()
+    first = compute_influences(model, loss_fn, train, query, solver="exact", damping=0.1)
+    second = compute_influences(model, loss_fn, train, query, solver="exact", damping=0.1)
+    assert torch.equal(first, second)
+
+
+def test_frozen_parameters_get_no_gradient():
+    model, train, query, loss_fn = mlp_setup()
+    model[0].weight.requires_grad_(False)
+    computer = InfluenceComputer(model, loss_fn, train, solver="exact")
+    assert "0.weight" not in computer.selection.names
+    assert computer.selection.numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    grads = computer.train_gradients(range(4))
+    assert grads.shape == (4, computer.selection.numel)
+    assert model[0].weight.requires_grad is False
+    assert model[0].weight.grad is None
+
+
+def test_vmap_equals_loop_gradients():
+    model, train, _, loss_fn = mlp_setup()
+    computer = InfluenceComputer(model, loss_fn, train, solver="exact")
+    batch = computer.train.batch(range(12))
+    with influence_mode(model):
+        vectorised = computer.loss.per_example_gradients(batch, vectorize="vmap")
+        looped = computer.loss.per_example_gradients(batch, vectorize="loop")
+    torch.testing.assert_close(vectorised, looped, rtol=0, atol=1e-10)
+
+
+def test_vmap_handles_extra_leading_dims_and_dicts():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    # Each example is a [4, 3] block: the loss pools over the inner dim.
+    items = [{"x": torch.randn(4, 3, dtype=torch.float64), "y": torch.randn(2, dtype=torch.float64)} for _ in range(6)]
+
+    def loss_fn(m, batch):
+        return ((m(batch["x"]).mean(dim=1) - batch["y"]) ** 2).sum(dim=1).mean()
+
+    computer = InfluenceComputer(model, loss_fn, items, solver="exact")
+    batch = computer.train.batch(range(6))
+    torch.testing.assert_close(
+        computer.loss.per_example_gradients(batch, vectorize="vmap"),
+        computer.loss.per_example_gradients(batch, vectorize="loop"),
+        rtol=0,
+        atol=1e-10,
+    )
+
+
+def test_parameter_patterns_select_subset():
+    model, train, _, loss_fn = mlp_setup()
+    computer = InfluenceComputer(model, loss_fn, train, solver="exact", parameters=[r"^4\."])
+    assert computer.selection.names == ("4.weight", "4.bias")
+    explicit = InfluenceComputer(model, loss_fn, train, solver="exact", parameters=[model[4].weight])
+    assert explicit.selection.names == ("4.weight",)
+
+
+# Bad input: each message names the value and the fix.
+
+
+def test_empty_training_set_rejected():
+    model, _, query, loss_fn = mlp_setup()
+    empty = TensorDataset(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="training set is empty"):
+        compute_influences(model, loss_fn, empty, query, solver="exact")
+
+
+@pytest.mark.parametrize(
+    ("query", "pattern"),
+    [
+        ("not a batch", r"`query_batch` is not a batch: it contains no tensor \(got str\)"),
+        ({"x": torch.tensor(1.0)}, r"`query_batch` is not a batch: it contains a 0-dim tensor"),
+        ((torch.zeros(3, 4), torch.zeros(2)), r"`query_batch` is not a batch: .*different first dims \[2, 3\]"),
+    ],
+)
+def test_query_that_is_not_a_batch_rejected(query, pattern):
+    model, train, _, loss_fn = mlp_setup()
+    with pytest.raises(TypeError, match=pattern):
+        compute_influences(model, loss_fn, train, query, solver="exact")
+
+
+def test_no_trainable_parameter_rejected():
+    model, train, query, loss_fn = mlp_setup()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="No selected parameter requires grad"):
+        compute_influences(model, loss_fn, train, query, solver="exact")
+
+
+def test_pattern_matching_nothing_rejected():
+    model, train, query, loss_fn = mlp_setup()
+    with pytest.raises(ValueError, match=r"pattern 'decoder' matches no parameter name.*0\.weight"):
+        compute_influences(model, loss_fn, train, query, solver="exact", parameters=["decoder"])
+
+
+def test_non_scalar_loss_rejected():
+    model, train, query, _ = mlp_setup()
+
+    def per_example_loss(m, batch):
+        return (m(batch[0]).squeeze(-1) - batch[1]) ** 2
+
+    with pytest.raises(ValueError, match=r"must return the mean loss .* scalar tensor, but returned \(5,\)"):
+        compute_influences(model, per_example_loss, train, query, solver="exact")
+
+
+def test_non_finite_loss_rejected():
+    model, train, query, loss_fn = mlp_setup()
+    bad_query = (query[0] * float("nan"), query[1])
+    with pytest.raises(ValueError, match=r"non-finite loss \(nan\) on the query batch"):
+        compute_influences(model, loss_fn, train, bad_query, solver="exact")
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"solver": "lissa", "damping": -0.1}, r"`damping` must be a finite number >= 0, but got -0.1"),
+        ({"solver": "lissa", "scale": 0.0}, r"`scale` must be a finite number > 0, but got 0.0"),
+        ({"solver": "exact", "damping": -1.0}, r"`damping` must be a finite number >= 0, but got -1.0"),
+        ({"solver": "newton"}, r"Unknown solver 'newton'. Choose one of \['cg', 'exact', 'lissa'\]"),
+    ],
+)
+def test_bad_solver_options_rejected(options, pattern):
+    model, train, query, loss_fn = mlp_setup()
+    with pytest.raises(ValueError, match=pattern):
+        compute_influences(model, loss_fn, train, query, **options)
+
+
+def test_unknown_solver_option_rejected():
+    model, train, query, loss_fn = mlp_setup()
+    with pytest.raises(TypeError, match=r"Solver 'exact' takes no option\(s\) \['depth'\]"):
+        compute_influences(model, loss_fn, train, query, solver="exact", depth=10)

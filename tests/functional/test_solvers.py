@@ -1,0 +1,136 @@
+"""The ihvp solvers against closed-form Hessians of ridge and logistic regression (float64)."""
+
+import pytest
+import torch
+
+from lightning_fastif import CGSolver, ExactSolver, LiSSADivergenceError, LiSSASolver
+from lightning_fastif.functional import FunctionalLoss, TrainingSet, select_parameters
+from tests.helpers.problems import logistic_problem, ridge_problem
+
+EXACT_RTOL = 1e-8
+CG_RTOL = 1e-6
+LISSA_RTOL = 0.02
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(estimate - reference) / torch.linalg.vector_norm(reference))
+
+
+def setup(problem):
+    loss = FunctionalLoss(
+        problem.model, problem.loss_fn, select_parameters(problem.model), weight_decay=problem.weight_decay
+    )
+    train = TrainingSet(problem.dataset)
+    vector = torch.randn(1, problem.x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return loss, train, vector
+
+
+@pytest.mark.parametrize("make_problem", [ridge_problem, logistic_problem], ids=["ridge", "logistic"])
+def test_exact_matches_inverse(make_problem):
+    problem = make_problem()
+    loss, train, vector = setup(problem)
+    reference = torch.linalg.solve(problem.hessian(), vector[0])
+    estimate = ExactSolver().solve(loss, train, vector)[0]
+    assert relative_error(estimate, reference) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("make_problem", [ridge_problem, logistic_problem], ids=["ridge", "logistic"])
+def test_cg_matches_inverse(make_problem):
+    problem = make_problem()
+    loss, train, vector = setup(problem)
+    reference = torch.linalg.solve(problem.hessian(), vector[0])
+    estimate = CGSolver(batch_size=50).solve(loss, train, vector)[0]
+    assert relative_error(estimate, reference) < CG_RTOL
+
+
+@pytest.mark.parametrize("make_problem", [ridge_problem, logistic_problem], ids=["ridge", "logistic"])
+def test_lissa_close_to_inverse(make_problem):
+    # LiSSA's fixed point is (H + damping * scale * I)^-1 v; damping=1e-4 with scale=5 shifts H by 5e-4.
+    problem = make_problem()
+    loss, train, vector = setup(problem)
+    damping, scale = 1e-4, 5.0
+    shifted = problem.hessian() + damping * scale * torch.eye(problem.x.shape[1], dtype=torch.float64)
+    reference = torch.linalg.solve(shifted, vector[0])
+    solver = LiSSASolver(damping=damping, scale=scale, depth=300, repeats=4, batch_size=50, seed=0)
+    estimate = solver.solve(loss, train, vector)[0]
+    assert relative_error(estimate, reference) < LISSA_RTOL
+
+
+def test_lissa_exact_fixed_point_full_batch():
+    problem = ridge_problem()
+    loss, train, vector = setup(problem)
+    shifted = problem.hessian() + 1e-3 * 10 * torch.eye(problem.x.shape[1], dtype=torch.float64)
+    reference = torch.linalg.solve(shifted, vector[0])
+    estimate = LiSSASolver(damping=1e-3, scale=10.0, depth=3000, batch_size=100).solve(loss, train, vector)[0]
+    assert relative_error(estimate, reference) < 1e-8
+
+
+def test_lissa_repeats_equal_mean_of_seeded_runs():
+    problem = logistic_problem()
+    loss, train, vector = setup(problem)
+    options = dict(damping=1e-3, scale=5.0, depth=20, batch_size=5)
+    combined = LiSSASolver(repeats=4, seed=7, **options).solve(loss, train, vector)
+    singles = [LiSSASolver(repeats=1, seed=7 + r, **options).solve(loss, train, vector) for r in range(4)]
+    torch.testing.assert_close(combined, torch.stack(singles).mean(0), rtol=1e-12, atol=0)
+
+
+def test_lissa_is_reproducible_under_seed():
+    problem = logistic_problem()
+    loss, train, vector = setup(problem)
+    first = LiSSASolver(depth=30, scale=5.0, batch_size=3, seed=3).solve(loss, train, vector)
+    second = LiSSASolver(depth=30, scale=5.0, batch_size=3, seed=3).solve(loss, train, vector)
+    other = LiSSASolver(depth=30, scale=5.0, batch_size=3, seed=4).solve(loss, train, vector)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_lissa_step_callback_reports_each_step():
+    problem = ridge_problem()
+    loss, train, vector = setup(problem)
+    calls = []
+    LiSSASolver(depth=5, repeats=2, scale=10.0, step_callback=lambda *args: calls.append(args)).solve(
+        loss, train, vector
+    )
+    assert [step for step, _, _ in calls] == list(range(1, 11))
+    assert all(total == 10 for _, total, _ in calls)
+
+
+def test_lissa_divergence_says_raise_scale():
+    problem = ridge_problem(weight_decay=0.0)
+    loss, train, vector = setup(problem)
+    # The largest eigenvalue of X^T X / n is about 2 here, so scale=0.1 makes the recursion blow up.
+    with pytest.raises(LiSSADivergenceError, match=r"diverged at step \d+.*Raise `scale` \(now 0.1\)"):
+        LiSSASolver(damping=0.0, scale=0.1, depth=200, batch_size=100).solve(loss, train, vector)
+
+
+def test_exact_singular_hessian_says_add_damping():
+    problem = ridge_problem(n=5, d=10, weight_decay=0.0)  # rank 5 < 10 features: singular.
+    loss, train, vector = setup(problem)
+    with pytest.raises(ValueError, match=r"singular.*damping=0\.0.*Add damping"):
+        ExactSolver(damping=0.0).solve(loss, train, vector)
+    ExactSolver(damping=1e-3).solve(loss, train, vector)
+
+
+def test_exact_parameter_limit_says_use_lissa():
+    problem = ridge_problem()
+    loss, train, vector = setup(problem)
+    with pytest.raises(ValueError, match=r"10 x 10 Hessian, above `max_parameters=5`.*solver='lissa'"):
+        ExactSolver(max_parameters=5).solve(loss, train, vector)
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "pattern"),
+    [
+        (ExactSolver, {"damping": -1.0}, r"`damping` must be a finite number >= 0, but got -1.0"),
+        (CGSolver, {"damping": -0.5}, r"`damping` must be a finite number >= 0, but got -0.5"),
+        (LiSSASolver, {"damping": -1e-3}, r"`damping` must be a finite number >= 0, but got -0.001"),
+        (LiSSASolver, {"scale": 0.0}, r"`scale` must be a finite number > 0, but got 0.0"),
+        (LiSSASolver, {"scale": -2.0}, r"`scale` must be a finite number > 0, but got -2.0"),
+        (LiSSASolver, {"depth": 0}, r"`depth` must be a positive integer, but got 0"),
+        (LiSSASolver, {"repeats": 0}, r"`repeats` must be a positive integer, but got 0"),
+        (LiSSASolver, {"batch_size": 0}, r"`batch_size` must be a positive integer, but got 0"),
+    ],
+)
+def test_solver_options_rejected(solver, options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        solver(**options)
