@@ -62,9 +62,7 @@ class FunctionalLoss:
         self.weight_decay = weight_decay
         self.weight_decay_in_gradients = weight_decay_in_gradients
         self._module = _LossModule(model, loss_fn)
-        selected = set(selection.names)
-        # Every other parameter and buffer enters detached, so no graph is built through frozen weights.
-        self._frozen = {f"model.{name}": p.detach() for name, p in model.named_parameters() if name not in selected}
+        self._selected = set(selection.names)
 
     def params(self) -> tuple[Tensor, ...]:
         """Return the current values of the selected parameters, detached."""
@@ -73,7 +71,10 @@ class FunctionalLoss:
     def loss(self, params: tuple[Tensor, ...], batch: Any) -> Tensor:
         """Return the user's mean loss over ``batch`` at ``params`` (no L2 term)."""
         mapping = {f"model.{name}": p for name, p in zip(self.selection.names, params, strict=True)}
-        mapping.update(self._frozen)
+        # Every other parameter enters detached, so no graph is built through frozen weights.
+        mapping.update(
+            {f"model.{name}": p.detach() for name, p in self.model.named_parameters() if name not in self._selected}
+        )
         return checked_loss(functional_call(self._module, mapping, (batch,)), where="on a batch")
 
     def l2(self, params: tuple[Tensor, ...]) -> Tensor:

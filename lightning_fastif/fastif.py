@@ -1,0 +1,273 @@
+"""FastIF: kNN candidates from a faiss index, then LiSSA influence scores on those candidates only.
+
+The data path of one run: query features -> kNN search -> ``k`` candidate train indices; query gradient
+-> LiSSA -> ``s_test``; candidate per-example gradients -> scores ``-grads @ s_test``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch, slice_batch
+from lightning_fastif.functional.params import ParameterSpec, influence_mode
+from lightning_fastif.functional.scores import TopInfluences, top_influences
+from lightning_fastif.functional.solvers import LiSSASolver
+from lightning_fastif.influence import InfluenceComputer
+from lightning_fastif.knn import KNNIndex, compute_features, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+FeaturesFn = Callable[[Any], Tensor]
+QueryMode = Literal["each", "mean"]
+
+
+@dataclass(frozen=True)
+class FastIFConfig:
+    """Settings of a FastIF run; the defaults are FastIF's MNLI settings (Guo et al. 2021).
+
+    Attributes:
+        k: Nearest neighbors scored per query; ``None`` scores every training example.
+        top_k: Helpful and harmful examples reported per query.
+        damping: LiSSA damping.
+        scale: LiSSA scale; must exceed the largest Hessian eigenvalue.
+        depth: LiSSA recursion steps per repeat.
+        repeats: LiSSA repeats averaged.
+        batch_size: Training examples per LiSSA Hessian-vector product.
+        seed: Base seed of LiSSA's batch sampling.
+        weight_decay: Coefficient of ``||theta||^2`` in the training objective; enters the Hessian.
+        weight_decay_in_gradients: Also add the L2 gradient to query and train gradients.
+        metric: kNN distance, "l2" or "cosine".
+        index_type: faiss index, "flat" (exact), "ivf" or "hnsw".
+        feature_batch_size: Examples per batch when train features are computed.
+        gradient_batch_size: Candidates per batch when per-example gradients are computed.
+    """
+
+    k: int | None = 1000
+    top_k: int = 10
+    damping: float = 5e-3
+    scale: float = 1e4
+    depth: int = 1000
+    repeats: int = 1
+    batch_size: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+    weight_decay_in_gradients: bool = False
+    metric: Literal["l2", "cosine"] = "l2"
+    index_type: Literal["flat", "ivf", "hnsw"] = "flat"
+    feature_batch_size: int = 64
+    gradient_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k <= 0:
+            raise ValueError(f"`k` must be a positive integer or None (every training example), but got {self.k}.")
+        if self.top_k <= 0:
+            raise ValueError(f"`top_k` must be a positive integer, but got {self.top_k}.")
+        for name in ("feature_batch_size", "gradient_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, but got {getattr(self, name)}.")
+        self.solver()  # validates the LiSSA settings
+
+    def solver(self, *, progress: bool = False, repeat_offset: int = 0, repeats: int | None = None) -> LiSSASolver:
+        """Build the LiSSA solver of these settings."""
+        return LiSSASolver(
+            damping=self.damping,
+            scale=self.scale,
+            depth=self.depth,
+            repeats=self.repeats if repeats is None else repeats,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            repeat_offset=repeat_offset,
+            progress=progress,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueryInfluence:
+    """The FastIF result of one query (one example, or the mean loss of an anchor batch).
+
+    Attributes:
+        query_indices: Dataset indices of the query examples, shape ``[A]`` (one entry unless anchored).
+        candidate_indices: Train indices of the kNN candidates, nearest first, shape ``[k]``.
+        scores: Score of each candidate, negative is helpful, shape ``[k]``.
+        top: The most helpful and harmful candidates.
+        timings: Seconds spent in each stage: "knn", "ihvp", "scores".
+    """
+
+    query_indices: Tensor
+    candidate_indices: Tensor
+    scores: Tensor
+    top: TopInfluences
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FastIF:
+    """kNN-pruned influence functions over a training set, with the index kept fresh.
+
+    Args:
+        model: The module whose parameters are differentiated (for Lightning, the ``LightningModule``).
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of a batch.
+        features_fn: Maps a batch to features ``[B, D]`` for the kNN search.
+        train_dataset: Map-style dataset of the candidate training examples.
+        collate_fn: Collates items of ``train_dataset``; defaults to ``default_collate``.
+        parameters: The parameters to differentiate; see :func:`select_parameters`.
+        config: FastIF settings.
+        index_path: When given, the index is saved there after each rebuild.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        features_fn: FeaturesFn,
+        train_dataset: Dataset,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        parameters: ParameterSpec = None,
+        config: FastIFConfig | None = None,
+        index_path: str | Path | None = None,
+    ) -> None:
+        self.model = model
+        self.features_fn = features_fn
+        self.config = config or FastIFConfig()
+        self.index_path = Path(index_path) if index_path is not None else None
+        self.computer = InfluenceComputer(
+            model,
+            loss_fn,
+            train_dataset,
+            solver=self.config.solver(),
+            parameters=parameters,
+            weight_decay=self.config.weight_decay,
+            weight_decay_in_gradients=self.config.weight_decay_in_gradients,
+            collate_fn=collate_fn,
+            gradient_batch_size=self.config.gradient_batch_size,
+        )
+        self.train_dataset = train_dataset
+        self.collate_fn = self.computer.train.collate_fn
+        self.index: KNNIndex | None = None
+        k = self.config.k
+        if k is not None and k > len(self.computer.train):
+            raise ValueError(
+                f"`k={k}` is larger than the training set ({len(self.computer.train)} examples). "
+                f"Choose k <= {len(self.computer.train)}, or k=None to score every training example."
+            )
+
+    @property
+    def num_train(self) -> int:
+        return len(self.computer.train)
+
+    def refresh_index(self, *, progress: bool = False) -> KNNIndex:
+        """Return an index over features of the current weights, rebuilding it when the weights changed."""
+        fingerprint = weights_fingerprint(self.model)
+        if self.index is not None and not self.index.is_stale(fingerprint):
+            return self.index
+        loader = DataLoader(
+            self.train_dataset, batch_size=self.config.feature_batch_size, shuffle=False, collate_fn=self.collate_fn
+        )
+        device = self.computer.device
+
+        def features(batch: Any) -> Tensor:
+            return self.features_fn(move_batch(batch, device))
+
+        with influence_mode(self.model):
+            train_features, _ = compute_features(features, loader, progress=progress, desc="kNN train features")
+        if train_features.shape[0] != self.num_train:
+            raise ValueError(
+                f"The features function returned {train_features.shape[0]} rows for {self.num_train} training examples."
+            )
+        self.index = KNNIndex(
+            train_features,
+            ids=torch.arange(self.num_train),
+            metric=self.config.metric,
+            index_type=self.config.index_type,
+            fingerprint=fingerprint,
+        )
+        if self.index_path is not None:
+            self.index.save(self.index_path)
+        log.info("Built a %s kNN index over %d training examples.", self.config.index_type, self.num_train)
+        return self.index
+
+    def query_features(self, query_batch: Any) -> Tensor:
+        """Return kNN features ``[B, D]`` of a query batch, validated like train features."""
+        batch = move_batch(query_batch, self.computer.device)
+        with influence_mode(self.model), torch.no_grad():
+            features = self.features_fn(batch)
+        size = batch_size_of(query_batch, name="query_batch")
+        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[0] != size:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"The features function must return [B, D] = [{size}, D] for the queries, got {shape}.")
+        if not torch.isfinite(features).all():
+            raise ValueError("The query features contain NaN or inf.")
+        return features
+
+    def candidates(self, features: Tensor) -> Tensor:
+        """Return the kNN candidate train indices ``[k]`` of one query's features ``[A, D]`` (their mean)."""
+        if self.config.k is None:
+            return torch.arange(self.num_train)
+        index = self.refresh_index()
+        _, neighbors = index.search_mean(features, self.config.k)
+        return neighbors
+
+    def explain(
+        self,
+        query_batch: Any,
+        *,
+        mode: QueryMode = "each",
+        query_indices: Sequence[int] | None = None,
+        progress: bool = False,
+        solver: LiSSASolver | None = None,
+    ) -> list[QueryInfluence]:
+        """Score the kNN candidates of each query and pick the most helpful and harmful.
+
+        Args:
+            query_batch: A collated batch of query examples.
+            mode: "each" makes every example its own query; "mean" makes one query of the batch's mean loss,
+                with kNN on the mean feature (FastIF's anchor batches).
+            query_indices: Dataset indices of the query examples, stored in the results.
+            progress: Show progress bars.
+            solver: Replaces the configured LiSSA solver, for example to run a share of the repeats.
+        """
+        size = batch_size_of(query_batch, name="query_batch")
+        ids = torch.as_tensor(list(query_indices) if query_indices is not None else range(size), dtype=torch.long)
+        if self.config.k is not None:
+            self.refresh_index(progress=progress)
+        if solver is not None:
+            self.computer.solver = solver
+        groups = [(slice_batch(query_batch, i, i + 1), ids[i : i + 1]) for i in range(size)]
+        if mode == "mean":
+            groups = [(query_batch, ids)]
+        elif mode != "each":
+            raise ValueError(f"`mode` must be 'each' or 'mean', but got {mode!r}.")
+        results = []
+        for batch, group_ids in tqdm(groups, desc="FastIF queries", disable=not progress or len(groups) == 1):
+            results.append(self._explain_one(batch, group_ids, progress=progress))
+        return results
+
+    def _explain_one(self, query_batch: Any, query_ids: Tensor, *, progress: bool) -> QueryInfluence:
+        timings = {}
+        start = time.perf_counter()
+        candidates = self.candidates(self.query_features(query_batch))
+        timings["knn"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        s_test = self.computer.ihvp(self.computer.query_gradients(query_batch))
+        timings["ihvp"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores = self.computer.scores(s_test, candidates.tolist(), progress=progress)[0]
+        timings["scores"] = time.perf_counter() - start
+
+        top = top_influences(scores, self.config.top_k, candidates)
+        return QueryInfluence(query_ids, candidates, scores.detach().cpu(), top, timings)

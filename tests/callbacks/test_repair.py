@@ -1,0 +1,481 @@
+"""DataRepairCallback on a tiny task with a spurious feature, with a real Trainer and a real faiss index.
+
+Every example has a core feature that predicts the label with about 84 % accuracy and a spurious feature
+that agrees with the label in the training data. The trained MLP relies on the spurious feature and gets
+the counter-examples (spurious feature flipped) wrong, so they are the target errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_fastif.callbacks import DataRepairCallback
+from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
+from lightning_fastif.mixin import FastIFMixin
+
+NOISE_DIMS = 4
+CORE_MEAN = 1.0
+SPURIOUS_SCALE = 2.0
+POOL_COUNTER_FRACTION = 0.05
+TARGET_COUNTER_FRACTION = 0.7
+
+# Repair settings for the 6-16-2 MLP. With these settings and data and model seeds 0-5, helpful examples
+# raised the held-out target accuracy by 0.75 to 0.97 and random ones by at most 0.10. Counter-examples
+# made up 0.43 to 0.83 of the helpful examples.
+REPAIR_LR = 0.2
+REPAIR_STEPS = 10
+MIN_HELPFUL_GAIN = 0.4
+MAX_RANDOM_GAIN = 0.2
+MIN_HELPFUL_COUNTER_SHARE = 0.3  # 6x the pool's share of counter-examples
+TRAIN_SIZE_IN_FIT = 150
+FAST_LISSA = {"k": 64, "depth": 30, "scale": 100.0, "damping": 0.01, "lissa_batch_size": 8}
+
+RECORD_KEYS = {
+    "strategy",
+    "step",
+    "target_acc",
+    "holdout_acc",
+    "source_acc",
+    "update_loss",
+    "anchor_indices",
+    "example_indices",
+    "example_scores",
+    "seconds",
+    "seed",
+    "epoch",
+    "global_step",
+}
+
+
+@dataclass
+class SpuriousSet(Dataset):
+    """Items ``{"x": [6], "labels": [], "index": []}`` and the positions whose spurious feature disagrees."""
+
+    items: list[dict[str, Tensor]]
+    counter: set[int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.items[index]
+
+
+def spurious_set(size: int, counter_fraction: float, seed: int) -> SpuriousSet:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (size,), generator=generator)
+    sign = (2 * labels - 1).float()
+    counter = torch.randperm(size, generator=generator)[: round(counter_fraction * size)]
+    agree = torch.ones(size)
+    agree[counter] = -1.0
+    core = sign * CORE_MEAN + torch.randn(size, generator=generator)
+    spurious = sign * agree * SPURIOUS_SCALE + 0.1 * torch.randn(size, generator=generator)
+    noise = torch.randn(size, NOISE_DIMS, generator=generator)
+    x = torch.cat([core[:, None], spurious[:, None], noise], dim=1)  # [size, 2 + NOISE_DIMS]
+    items = [{"x": x[i], "labels": labels[i], "index": torch.tensor(i)} for i in range(size)]
+    return SpuriousSet(items, set(counter.tolist()))
+
+
+class SpuriousMLP(FastIFMixin, pl.LightningModule):
+    """A 6-16-2 tanh MLP whose hidden layer is the kNN feature."""
+
+    num_labels = 2
+
+    def __init__(self, batch_norm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(2 + NOISE_DIMS, 16)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(16))
+        self.body = nn.Sequential(*layers, nn.Tanh())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def influence_backbone(self) -> nn.Module:
+        return self
+
+    def influence_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(self(batch["x"]), batch["labels"])
+
+    def influence_features(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.body(batch["x"])
+
+    def influence_predictions(self, batch: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            return self(batch["x"]).argmax(dim=-1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.influence_loss(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Run on one thread: for a model this small, thread hand-offs cost more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Task:
+    train: SpuriousSet
+    pool: SpuriousSet
+    target: SpuriousSet
+    source: SpuriousSet
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return Task(
+        train=spurious_set(400, 0.0, seed=0),
+        pool=spurious_set(400, POOL_COUNTER_FRACTION, seed=100),
+        target=spurious_set(200, TARGET_COUNTER_FRACTION, seed=200),
+        source=spurious_set(200, 0.0, seed=300),
+    )
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    options = {
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "max_epochs": 10,
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def fit_model(train: Dataset, *, batch_norm: bool = False, seed: int = 0) -> SpuriousMLP:
+    pl.seed_everything(seed, verbose=False)
+    model = SpuriousMLP(batch_norm=batch_norm)
+    quiet_trainer().fit(model, DataLoader(train, batch_size=32, shuffle=True))
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(task: Task) -> SpuriousMLP:
+    return fit_model(task.train)
+
+
+@pytest.fixture
+def model(trained: SpuriousMLP) -> SpuriousMLP:
+    return copy.deepcopy(trained)
+
+
+def repair_callback(task: Task, tmp_path: Path, **kwargs: Any) -> DataRepairCallback:
+    options: dict[str, Any] = {
+        "target_dataset": task.target,
+        "pool_dataset": task.pool,
+        "source_dataset": task.source,
+        "num_steps": REPAIR_STEPS,
+        "lr": REPAIR_LR,
+        "policy": "restore",
+        "output_dir": str(tmp_path / "repair"),
+        "save_checkpoint": False,
+        "progress": False,
+        **FAST_LISSA,
+    }
+    return DataRepairCallback(**{**options, **kwargs})
+
+
+def tensors_of(module: nn.Module) -> dict[str, Tensor]:
+    named = {f"param:{name}": p for name, p in module.named_parameters()}
+    named.update({f"buffer:{name}": b for name, b in module.named_buffers()})
+    return {name: tensor.detach().clone() for name, tensor in named.items()}
+
+
+def assert_same_tensors(module: nn.Module, expected: dict[str, Tensor]) -> None:
+    actual = tensors_of(module)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), f"{name} changed"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# Repair quality.
+
+
+def test_helpful_repairs_random_does_not(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, strategies=["helpful", "random", "anchors", "harmful"])
+    result = callback.repair(quiet_trainer(), model)
+
+    gains = {name: run.change("target_acc") for name, run in result.runs.items()}
+    assert result.runs["helpful"].metric("target_acc", 0) == 0.0
+    assert gains["helpful"] >= MIN_HELPFUL_GAIN, gains
+    assert gains["random"] <= MAX_RANDOM_GAIN, gains
+    assert gains["helpful"] - gains["random"] >= MIN_HELPFUL_GAIN - MAX_RANDOM_GAIN, gains
+    assert gains["harmful"] <= MAX_RANDOM_GAIN, gains
+
+    helpful = [i for record in result.runs["helpful"].history for i in record["example_indices"]]
+    share = sum(i in task.pool.counter for i in helpful) / len(helpful)
+    assert len(helpful) == REPAIR_STEPS * callback.num_examples
+    assert share >= MIN_HELPFUL_COUNTER_SHARE
+
+
+def test_anchor_batches_are_errors_outside_holdout(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, strategies=["anchors", "random"], num_steps=3)
+    result = callback.repair(quiet_trainer(), model)
+
+    holdout = set(result.holdout_indices)
+    anchors_per_run = {name: [r["anchor_indices"] for r in run.history[1:]] for name, run in result.runs.items()}
+    assert anchors_per_run["anchors"] == anchors_per_run["random"]
+    for anchors in anchors_per_run["anchors"]:
+        assert len(anchors) == callback.anchor_batch_size
+        assert set(anchors) <= set(result.anchor_candidates)
+        assert not set(anchors) & holdout
+    assert set(result.anchor_candidates) <= task.target.counter
+    assert set(result.holdout_errors) <= holdout
+    assert len(holdout) == round(callback.holdout_fraction * len(task.target))
+    assert result.num_target_errors == len(result.anchor_candidates) + len(result.holdout_errors)
+
+
+# Policies and state.
+
+
+def test_restore_brings_back_exact_state(task: Task, tmp_path: Path) -> None:
+    model = fit_model(task.train, batch_norm=True)
+    model.train()
+    model.body[1].eval()  # a mixed mode, which must come back as it was
+    model.head.bias.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = model.influence_loss({"x": torch.randn(4, 2 + NOISE_DIMS), "labels": torch.tensor([0, 1, 0, 1])})
+    loss.backward()
+    optimizer.step()
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    modes = {name: sub.training for name, sub in model.named_modules()}
+    start = tensors_of(model)
+    callback = repair_callback(
+        task, tmp_path, strategies=["helpful", "anchors"], update_in_train_mode=True, save_checkpoint=True
+    )
+    trainer = quiet_trainer()
+    rng_state = torch.get_rng_state()
+
+    result = callback.repair(trainer, model)
+
+    assert_same_tensors(model, start)
+    assert result.kept_strategy is None
+    assert {name: sub.training for name, sub in model.named_modules()} == modes
+    assert not model.head.bias.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "head.bias")
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == grads.keys()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[name])
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert_same_optimizer_state(optimizer.state_dict(), optimizer_state)
+
+    repaired = torch.load(result.runs["anchors"].checkpoint_path)
+    assert not torch.equal(repaired["body.0.weight"], start["param:body.0.weight"])
+    assert not torch.equal(repaired["body.1.running_mean"], start["buffer:body.1.running_mean"])
+    assert torch.equal(repaired["head.bias"], start["param:head.bias"])  # frozen, so never updated
+
+
+def assert_same_optimizer_state(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for key, state in expected["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(actual["state"][key][name]), torch.as_tensor(value)), (key, name)
+
+
+def test_keep_holds_first_strategy_weights(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, strategies=["helpful", "random"], policy="keep", save_checkpoint=True)
+    result = callback.repair(quiet_trainer(), model)
+
+    assert result.kept_strategy == "helpful"
+    helpful = torch.load(result.runs["helpful"].checkpoint_path)
+    random_weights = torch.load(result.runs["random"].checkpoint_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, helpful[name]), name
+    assert not torch.equal(helpful["head.weight"], random_weights["head.weight"])
+
+
+def test_restore_on_source_drop(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    start = tensors_of(model)
+    strict = repair_callback(task, tmp_path, strategy="anchors", policy="restore_on_source_drop", max_source_drop=0.05)
+    result = strict.repair(quiet_trainer(), model)
+
+    drop = -result.runs["anchors"].change("source_acc")
+    assert drop > 0.05
+    assert result.kept_strategy is None
+    assert "max_source_drop=0.05" in result.decision
+    assert_same_tensors(model, start)
+
+    lenient = repair_callback(task, tmp_path, strategy="anchors", policy="restore_on_source_drop", max_source_drop=1.0)
+    assert lenient.repair(quiet_trainer(), model).kept_strategy == "anchors"
+    assert not torch.equal(model.head.weight, start["param:head.weight"])
+
+
+# Running inside fit, and what it writes.
+
+
+def test_fit_end_logs_and_writes_records(task: Task, tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = SpuriousMLP()
+    callback = DataRepairCallback(
+        target_dataset=task.target,
+        source_dataset=task.source,
+        strategies=["helpful", "random"],
+        num_steps=3,
+        lr=REPAIR_LR,
+        policy="keep",
+        progress=False,
+        **FAST_LISSA,
+    )
+    logger = CSVLogger(tmp_path, name="logs")
+    train = spurious_set(TRAIN_SIZE_IN_FIT, 0.05, seed=1)
+    trainer = quiet_trainer(logger=logger, callbacks=[callback], max_epochs=10)
+    trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True))
+
+    result = callback.last_result
+    assert result is not None
+    assert result.jsonl_path == Path(trainer.log_dir) / "repair" / JSONL_NAME
+    records = read_jsonl(result.jsonl_path)
+    assert [(r["strategy"], r["step"]) for r in records] == [(s, i) for s in ("helpful", "random") for i in range(4)]
+    for record in records:
+        assert set(record) == RECORD_KEYS
+        assert record["epoch"] == trainer.current_epoch
+    assert all(len(r["example_indices"]) == callback.num_examples for r in records if r["step"] > 0)
+    # The default pool is the training set, smaller than every other set here.
+    assert max(i for r in records for i in r["example_indices"]) < TRAIN_SIZE_IN_FIT
+
+    summary = json.loads((result.jsonl_path.parent / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert summary["kept_strategy"] == "helpful"
+    assert summary["runs"]["helpful"]["target_acc"]["before"] == 0.0
+    assert Path(summary["runs"]["helpful"]["checkpoint_path"]).is_file()
+
+    with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for strategy in ("helpful", "random"):
+        for metric in ("target_acc", "holdout_acc", "source_acc"):
+            key = f"repair/{strategy}/{metric}"
+            logged = {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+            assert sorted(logged) == [0, 1, 2, 3], key
+            history = result.runs[strategy].history
+            assert logged == pytest.approx({r["step"]: r[metric] for r in history}), key
+        assert any(row.get(f"repair/{strategy}/update_loss") for row in rows)
+
+
+def test_at_epoch_runs_once(task: Task, tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = SpuriousMLP()
+    callback = repair_callback(task, tmp_path, strategy="random", num_steps=2, at_epoch=7)
+    trainer = quiet_trainer(callbacks=[callback], max_epochs=9)
+    trainer.fit(model, DataLoader(task.train, batch_size=32, shuffle=True))
+
+    records = read_jsonl(tmp_path / "repair" / JSONL_NAME)
+    assert len(records) == 3
+    assert {r["epoch"] for r in records} == {7}
+
+
+def test_at_epoch_past_training_warns(task: Task, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, strategy="random", num_steps=1, at_epoch=50)
+    trainer = quiet_trainer(callbacks=[callback], max_epochs=1)
+    with pytest.warns(UserWarning, match="at_epoch=50"):
+        trainer.fit(SpuriousMLP(), DataLoader(task.train, batch_size=32))
+    assert callback.last_result is None
+
+
+def test_built_from_yaml() -> None:
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(DataRepairCallback, "repair")
+    config = parser.parse_string("repair:\n  strategies: [helpful, random]\n  num_steps: 4\n  lr: 0.001\n  k: 50\n")
+    callback = parser.instantiate_classes(config).repair
+    assert isinstance(callback, DataRepairCallback)
+    assert callback.strategies == ["helpful", "random"]
+    assert callback.config.k == 50
+    assert callback.config.depth == 1000  # FastIF's default
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strategy": "nearest"}, "Unknown strategy 'nearest'"),
+        ({"strategies": ["helpful", "closest"]}, "Unknown strategy 'closest'"),
+        ({"strategies": []}, "empty list"),
+        ({"lr": 0.0}, "`lr` must be a positive learning rate, but got 0.0"),
+        ({"lr": -0.1}, "but got -0.1"),
+        ({"num_steps": 0}, "`num_steps` must be a positive integer, but got 0"),
+        ({"num_steps": -3}, "but got -3"),
+        ({"holdout_fraction": 1.0}, r"`holdout_fraction` must be in \(0, 1\), but got 1.0"),
+        ({"policy": "sometimes"}, "Unknown policy 'sometimes'"),
+        ({"optimizer": "lbfgs"}, "Unknown optimizer 'lbfgs'"),
+        ({"k": 0}, "`k` must be a positive integer or None"),
+    ],
+)
+def test_invalid_settings_raise(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DataRepairCallback(**kwargs)
+
+
+def test_empty_target_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, target_dataset=SpuriousSet([], set()))
+    with pytest.raises(ValueError, match="target dataset is empty"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_target_without_errors_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, target_dataset=task.source)
+    with pytest.raises(ValueError, match="gets all 200 target examples right"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_anchor_batch_too_large_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    expected = len(repair_callback(task, tmp_path).repair(quiet_trainer(), model).anchor_candidates)
+    callback = repair_callback(task, tmp_path, anchor_batch_size=500)
+    with pytest.raises(ValueError, match=f"anchor_batch_size=500 is larger than the {expected} target errors"):
+        callback.repair(quiet_trainer(), model)
+
+
+@pytest.mark.parametrize("bad_label", [2, -1])
+def test_pool_label_outside_model_raises(task: Task, model: SpuriousMLP, tmp_path: Path, bad_label: int) -> None:
+    items = [dict(item) for item in task.pool.items]
+    items[7]["labels"] = torch.tensor(bad_label)
+    callback = repair_callback(task, tmp_path, pool_dataset=SpuriousSet(items, set()))
+    with pytest.raises(
+        ValueError, match=rf"Pool example 7 has label {bad_label}, outside the model's label ids 0\.\.1"
+    ):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_source_drop_policy_without_source_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, source_dataset=None, policy="restore_on_source_drop")
+    with pytest.raises(ValueError, match="policy='restore_on_source_drop' needs source data"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_module_without_mixin_raises(task: Task, tmp_path: Path) -> None:
+    class Plain(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="Plain"):
+        repair_callback(task, tmp_path).repair(quiet_trainer(), Plain())

@@ -1,0 +1,158 @@
+"""FastIF: kNN-pruned scores against the full computation, index freshness, and bad input."""
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from lightning_fastif import InfluenceComputer
+from lightning_fastif.fastif import FastIF, FastIFConfig
+from lightning_fastif.hf import sequence_classification_loss
+from lightning_fastif.knn import classifier_input_features
+from tests.helpers.tiny_bert import tiny_bert, token_items
+
+PARAMETERS = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
+SETTINGS = dict(damping=1e-3, scale=100.0, depth=30, batch_size=4, seed=0)
+
+
+def make_fastif(model, train, **config):
+    return FastIF(
+        model,
+        sequence_classification_loss,
+        lambda batch: classifier_input_features(model, batch),
+        train,
+        parameters=PARAMETERS,
+        config=FastIFConfig(**{**SETTINGS, **config}),
+    )
+
+
+def test_k_equal_n_matches_full_computation():
+    model = tiny_bert().double()
+    train = token_items(24)
+    query = default_collate(token_items(3, seed=1))
+    results = make_fastif(model, train, k=24).explain(query, mode="each")
+    solver = FastIFConfig(**SETTINGS).solver()
+    full = InfluenceComputer(model, sequence_classification_loss, train, solver=solver, parameters=PARAMETERS)
+    expected = full.compute(query, mode="each")  # [3, 24]
+    for i, result in enumerate(results):
+        assert sorted(result.candidate_indices.tolist()) == list(range(24))
+        torch.testing.assert_close(result.scores, expected[i, result.candidate_indices], rtol=1e-10, atol=1e-12)
+
+
+def test_k_none_scores_every_example_in_order():
+    model = tiny_bert().double()
+    train = token_items(10)
+    query = default_collate(token_items(2, seed=1))
+    (result,) = make_fastif(model, train, k=None).explain(query, mode="mean")
+    assert result.candidate_indices.tolist() == list(range(10))
+    assert result.query_indices.tolist() == [0, 1]
+
+
+def test_candidates_are_nearest_neighbours():
+    model = tiny_bert()
+    train = token_items(30)
+    fastif = make_fastif(model, train, k=5)
+    query = default_collate(token_items(1, seed=3))
+    (result,) = fastif.explain(query)
+    train_features = classifier_input_features(model, default_collate(train))
+    query_features = classifier_input_features(model, query)
+    expected = torch.cdist(query_features, train_features)[0].topk(5, largest=False).indices
+    assert result.candidate_indices.tolist() == expected.tolist()
+
+
+def test_top_examples_carry_sign():
+    model = tiny_bert().double()
+    fastif = make_fastif(model, token_items(20), k=20, top_k=3)
+    (result,) = fastif.explain(default_collate(token_items(1, seed=2)))
+    assert result.top.helpful_scores.tolist() == sorted(result.scores.tolist())[:3]
+    assert result.top.harmful_scores.tolist() == sorted(result.scores.tolist(), reverse=True)[:3]
+    assert set(result.timings) == {"knn", "ihvp", "scores"}
+
+
+def test_stale_index_rebuilt_after_training_step():
+    model = tiny_bert()
+    train = token_items(20)
+    fastif = make_fastif(model, train, k=5)
+    first = fastif.refresh_index()
+    assert fastif.refresh_index() is first
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sequence_classification_loss(model, default_collate(train[:8])).backward()
+    optimizer.step()
+    second = fastif.refresh_index()
+    assert second is not first
+    assert second.fingerprint != first.fingerprint
+
+
+def test_index_saved_when_path_given(tmp_path):
+    model = tiny_bert()
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        lambda batch: classifier_input_features(model, batch),
+        token_items(12),
+        parameters=PARAMETERS,
+        config=FastIFConfig(k=3, **SETTINGS),
+        index_path=tmp_path / "knn.index",
+    )
+    fastif.refresh_index()
+    assert (tmp_path / "knn.index").exists()
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_non_positive_k_rejected(k):
+    with pytest.raises(ValueError, match=rf"`k` must be a positive integer or None .*but got {k}"):
+        FastIFConfig(k=k)
+
+
+def test_k_above_training_set_rejected():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"`k=50` is larger than the training set \(20 examples\).*k <= 20"):
+        make_fastif(model, token_items(20), k=50)
+
+
+def test_features_of_wrong_shape_rejected():
+    model = tiny_bert()
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        lambda batch: classifier_input_features(model, batch)[:, :, None],
+        token_items(12),
+        parameters=PARAMETERS,
+        config=FastIFConfig(k=3, **SETTINGS),
+    )
+    with pytest.raises(ValueError, match=r"shape \(12, 32, 1\)"):
+        fastif.refresh_index()
+
+
+def test_nan_features_rejected():
+    model = tiny_bert()
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        lambda batch: classifier_input_features(model, batch) * float("nan"),
+        token_items(12),
+        parameters=PARAMETERS,
+        config=FastIFConfig(k=3, **SETTINGS),
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        fastif.refresh_index()
+
+
+def test_nan_query_features_rejected():
+    model = tiny_bert()
+    calls = {"n": 0}
+
+    def features(batch):
+        calls["n"] += 1
+        out = classifier_input_features(model, batch)
+        return out if calls["n"] == 1 else out * float("nan")
+
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        features,
+        token_items(12),
+        parameters=PARAMETERS,
+        config=FastIFConfig(k=3, feature_batch_size=64, **SETTINGS),
+    )
+    with pytest.raises(ValueError, match="query features contain NaN"):
+        fastif.explain(default_collate(token_items(1, seed=4)))
