@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -10,12 +11,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from lightning_fastif.distributed import all_gather_columns, all_reduce_sum, is_distributed, rank_and_world, share
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch
 from lightning_fastif.functional.data import TrainingSet
 from lightning_fastif.functional.gradients import FunctionalLoss, Vectorize
 from lightning_fastif.functional.params import ParameterSpec, influence_mode, select_parameters
 from lightning_fastif.functional.scores import influence_scores
-from lightning_fastif.functional.solvers import IHVPSolver, make_solver
+from lightning_fastif.functional.solvers import IHVPSolver, LiSSASolver, make_solver
 
 QueryMode = Literal["mean", "each"]
 
@@ -93,9 +95,27 @@ class InfluenceComputer:
         raise ValueError(f"`mode` must be 'mean' or 'each', but got {mode!r}.")
 
     def ihvp(self, query_gradients: Tensor) -> Tensor:
-        """Return ``s_test``, the ihvp of each query gradient, shape ``[Q, P]``."""
+        """Return ``s_test``, the ihvp of each query gradient, shape ``[Q, P]``.
+
+        Under an initialised process group, each rank runs its share of the LiSSA repeats (repeat ``r``
+        keeps its seed ``seed + r``) and the sums are all-reduced, so the result equals one process
+        running every repeat. The exact and CG solvers are deterministic and run whole on every rank.
+        """
         with influence_mode(self.model):
-            return self.solver.solve(self.loss, self.train, query_gradients)
+            if not (is_distributed() and isinstance(self.solver, LiSSASolver)):
+                return self.solver.solve(self.loss, self.train, query_gradients)
+            rank, world_size = rank_and_world()
+            start, stop = share(self.solver.repeats, rank, world_size)
+            total = torch.zeros_like(query_gradients)
+            if stop > start:
+                local = replace(
+                    self.solver,
+                    repeats=stop - start,
+                    repeat_offset=self.solver.repeat_offset + start,
+                    progress=self.solver.progress and rank == 0,
+                )
+                total = local.solve_sum(self.loss, self.train, query_gradients)
+            return all_reduce_sum(total) / self.solver.repeats
 
     def train_gradients(self, indices: Sequence[int]) -> Tensor:
         """Return per-example gradients of the given training examples, shape ``[len(indices), P]``."""
@@ -122,17 +142,24 @@ class InfluenceComputer:
             Scores of shape ``[Q, len(indices)]``; negative is helpful, positive is harmful.
         """
         positions = self.train.indices if indices is None else [int(i) for i in indices]
-        chunks = []
+        rank, world_size = rank_and_world()
+        shares = [share(len(positions), r, world_size) for r in range(world_size)]
+        start, stop = shares[rank]
+        local = self._score_positions(ihvps, positions[start:stop], progress=progress and rank == 0)
+        scores = all_gather_columns(local, [b - a for a, b in shares])
+        if divide_by_train_size:
+            scores = scores / len(self.train)
+        return scores
+
+    def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
+        chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]
         starts = range(0, len(positions), self.gradient_batch_size)
         with influence_mode(self.model):
             for start in tqdm(starts, desc="Scoring candidates", disable=not progress, leave=False):
                 chunk = positions[start : start + self.gradient_batch_size]
                 grads = self.loss.per_example_gradients(self.train.batch(chunk), vectorize=self.vectorize)
                 chunks.append(influence_scores(grads, ihvps))
-        scores = torch.cat(chunks, dim=1)
-        if divide_by_train_size:
-            scores = scores / len(self.train)
-        return scores
+        return torch.cat(chunks, dim=1)
 
     def compute(self, query_batch: Any, indices: Sequence[int] | None = None, *, mode: QueryMode = "mean") -> Tensor:
         """Return scores ``[Q, N]`` of the candidates (default: every training example) on the queries."""

@@ -1,0 +1,78 @@
+"""FastIF's parallel variant: LiSSA repeats and candidate scoring split across the ranks of a process group.
+
+Everything here uses the default process group that Lightning or torchrun already set up; no ports are
+opened and no processes are started. Without an initialised group every function runs the whole work
+in the calling process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Return whether a default process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """Return ``(rank, world_size)``, ``(0, 1)`` without a process group."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Return the ``(start, stop)`` of rank ``rank``'s contiguous share of ``total`` items.
+
+    The first ``total % world_size`` ranks get one item more, so shares differ by at most one.
+    """
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum a tensor over ranks (a no-op without a process group) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_columns(local: Tensor, sizes: list[int]) -> Tensor:
+    """Concatenate each rank's ``[Q, n_rank]`` block along dim 1, in rank order.
+
+    Args:
+        local: This rank's block, shape ``[Q, sizes[rank]]``.
+        sizes: Column count of every rank's block.
+    """
+    if not is_distributed():
+        return local
+    width = max(sizes)
+    padded = torch.zeros(local.shape[0], width, dtype=local.dtype, device=local.device)
+    padded[:, : local.shape[1]] = local
+    blocks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(blocks, padded)
+    return torch.cat([block[:, :size] for block, size in zip(blocks, sizes, strict=True)], dim=1)
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Send a picklable value from rank ``src`` to every rank and return it."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Collect a picklable value from every rank, in rank order."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
