@@ -1,5 +1,7 @@
 """FastIF influence functions for PyTorch Lightning."""
 
+from lightning_fastif.callbacks import InfluenceCallback
+from lightning_fastif.fastif import FastIF, FastIFConfig, QueryInfluence
 from lightning_fastif.functional import (
     CGSolver,
     ExactSolver,
@@ -10,8 +12,6 @@ from lightning_fastif.functional import (
     select_parameters,
     top_influences,
 )
-from lightning_fastif.callbacks import InfluenceCallback
-from lightning_fastif.fastif import FastIF, FastIFConfig, QueryInfluence
 from lightning_fastif.influence import InfluenceComputer, compute_influences
 from lightning_fastif.mixin import FastIFMixin
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from lightning_fastif.distributed import rank_and_world
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch, slice_batch
 from lightning_fastif.functional.params import ParameterSpec, influence_mode
 from lightning_fastif.functional.scores import TopInfluences, top_influences
@@ -194,7 +195,7 @@ class FastIF:
             index_type=self.config.index_type,
             fingerprint=fingerprint,
         )
-        if self.index_path is not None:
+        if self.index_path is not None and rank_and_world()[0] == 0:
             self.index.save(self.index_path)
         log.info("Built a %s kNN index over %d training examples.", self.config.index_type, self.num_train)
         return self.index

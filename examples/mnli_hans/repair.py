@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,9 @@ from repair_study import (  # noqa: E402
     add_repair_arguments,
     checkpoint_datamodule_hparams,
     dataset,
-    load_classifier,
-    prepare,
     read_rows,
-    run_setting,
+    run_study,
     sample_rows,
-    write_results,
 )
 
 from lightning_fastif.nli import balanced_hans_sample, read_nli_jsonl  # noqa: E402
@@ -107,15 +103,7 @@ def build_settings(args: argparse.Namespace, tokenizer: Any) -> list[Setting]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    prepare(args)
-    model, tokenizer = load_classifier(args.checkpoint, args.tokenizer)
-    output_dir = Path(args.output_dir)
-    results = [run_setting(model, setting, args, output_dir) for setting in build_settings(args, tokenizer)]
-    markdown = write_results(output_dir, results, args)
-    print(markdown.read_text(encoding="utf-8"))
-    print(f"Results written to {output_dir / 'results.json'} and {markdown}.")
+    run_study(parse_args(argv), build_settings)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
+from lightning_fastif.distributed import all_gather_objects
 from lightning_fastif.fastif import FastIF, FastIFConfig, QueryInfluence
 from lightning_fastif.functional.batches import move_batch
 from lightning_fastif.mixin import FastIFMixin
@@ -174,9 +175,7 @@ class InfluenceCallback(pl.Callback):
         self.val_runs += 1
         if self.val_runs % self.every_n_val_runs != 0:
             return
-        if not trainer.is_global_zero:
-            # TODO: split repeats and candidates across ranks; until then rank zero computes alone.
-            return
+        self._gather_validation_outputs()
         queries = self.query_indices if self.query_indices is not None else self._errors[: self.max_queries]
         if not queries:
             rank_zero_info("InfluenceCallback: no misclassified validation example, so no influence to compute.")
@@ -185,8 +184,19 @@ class InfluenceCallback(pl.Callback):
         with _preserved_training_state(pl_module), torch.inference_mode(False), torch.enable_grad():
             self.run(trainer, module, queries)
 
+    def _gather_validation_outputs(self) -> None:
+        """Merge the errors and predictions that each rank saw on its shard of the validation data."""
+        gathered = all_gather_objects((self._errors, self._predictions))
+        # Sorted and deduplicated: DistributedSampler repeats examples to even out the shards.
+        self._errors = sorted({index for errors, _ in gathered for index in errors})
+        self._predictions = {index: label for _, predictions in gathered for index, label in predictions.items()}
+
     def run(self, trainer: pl.Trainer, pl_module: FastIFMixin, queries: list[int]) -> list[QueryInfluence]:
-        """Compute and log the influences of the given query examples (dataset indices)."""
+        """Compute and log the influences of the given query examples (dataset indices).
+
+        Under a distributed strategy every rank must call this with the same queries: each runs its share
+        of the LiSSA repeats and of the candidates, and rank zero writes and logs the results.
+        """
         start = time.perf_counter()
         query_dataset = self._query_dataset(trainer)
         fastif = self._get_fastif(trainer, pl_module)
@@ -214,6 +224,8 @@ class InfluenceCallback(pl.Callback):
         train_dataset: Any,
         timings: dict[str, float],
     ) -> None:
+        if not trainer.is_global_zero:
+            return
         rows = influence_rows(
             results,
             query_text=lambda i: module.influence_text(query_dataset, i),

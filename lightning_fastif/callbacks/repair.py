@@ -154,8 +154,11 @@ class DataRepairCallback(pl.Callback):
        mean anchor feature over an index rebuilt from the current weights); "harmful", the most harmful
        ones; "random", a uniform sample of the pool; "anchors", the anchor batch itself.
     3. After each step measures ``target_acc``, ``holdout_acc`` and ``source_acc``, logs them to the
-       trainer's loggers as ``repair/<strategy>/<metric>`` at the step, and appends a record to
-       ``<output_dir>/repair.jsonl``.
+       trainer's loggers as ``repair/<strategy>/<metric>`` at the step (with ``repair/step``, because a
+       logger such as W&B may keep its own step), and appends a record to
+       ``<output_dir>/repair.jsonl``. A record also has the update loss, the anchor and update example
+       positions, the examples' scores and timings: ``seconds`` to choose and update, ``eval_seconds`` to
+       measure, and ``influence_seconds`` for FastIF's "knn", "ihvp" and "scores" stages.
     4. Applies the policy to the first strategy's weights. "keep" keeps them, "restore" brings back the
        start weights, and "restore_on_source_drop" restores when the source accuracy fell by more than
        ``max_source_drop``. The other strategies' weights are always discarded.
@@ -379,6 +382,7 @@ class DataRepairCallback(pl.Callback):
         split = self._split_target(module, data, device)
         fastif = self._build_fastif(module, data) if INFLUENCE_STRATEGIES & set(self.strategies) else None
         start_weights = _snapshot(pl_module)
+        start_metrics = self._measure(module, data, split, device)
         output_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = output_dir / JSONL_NAME
 
@@ -386,7 +390,10 @@ class DataRepairCallback(pl.Callback):
         first_weights: dict[str, Tensor] | None = None
         for strategy in self.strategies:
             _load_snapshot(pl_module, start_weights)
-            runs[strategy] = self._run_strategy(trainer, module, pl_module, data, split, fastif, strategy, jsonl_path)
+            run = RepairRun(strategy)
+            self._record(trainer, run, start_metrics, {}, jsonl_path, step=0)
+            self._run_strategy(trainer, module, pl_module, data, split, fastif, run, jsonl_path)
+            runs[strategy] = run
             if self.save_checkpoint:
                 runs[strategy].checkpoint_path = output_dir / f"repaired_{strategy}.pt"
                 torch.save(pl_module.state_dict(), runs[strategy].checkpoint_path)
@@ -421,16 +428,15 @@ class DataRepairCallback(pl.Callback):
         data: _Data,
         split: _Split,
         fastif: FastIF | None,
-        strategy: str,
+        run: RepairRun,
         jsonl_path: Path,
-    ) -> RepairRun:
+    ) -> None:
+        """Take ``num_steps`` steps of ``run.strategy`` from the current weights, recording each into ``run``."""
+        strategy = run.strategy
         device = next(pl_module.parameters()).device
         optimizer = self._make_optimizer(pl_module)
         anchor_generator = torch.Generator().manual_seed(self.seed)
         random_generator = torch.Generator().manual_seed(self.seed + 1)
-        run = RepairRun(strategy)
-        self._record(trainer, run, self._measure(module, data, split, device), {}, jsonl_path, step=0)
-
         steps = tqdm(range(1, self.num_steps + 1), desc=f"Repair ({strategy})", disable=not self.progress)
         for step in steps:
             start = time.perf_counter()
@@ -442,10 +448,11 @@ class DataRepairCallback(pl.Callback):
             chosen["update_loss"] = self._update(module, pl_module, optimizer, update_batch)
             chosen["anchor_indices"] = anchors
             chosen["seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
             metrics = self._measure(module, data, split, device)
+            chosen["eval_seconds"] = time.perf_counter() - start
             self._record(trainer, run, metrics, chosen, jsonl_path, step=step)
             steps.set_postfix(target_acc=f"{metrics['target_acc']:.3f}")
-        return run
 
     # Steps.
 
@@ -477,6 +484,7 @@ class DataRepairCallback(pl.Callback):
         return {
             "example_indices": indices[: self.num_examples].tolist(),
             "example_scores": scores[: self.num_examples].tolist(),
+            "influence_seconds": influence.timings,
         }
 
     def _pool_batch(self, data: _Data, indices: Sequence[int]) -> Any:
@@ -571,6 +579,8 @@ class DataRepairCallback(pl.Callback):
             "example_indices": chosen.get("example_indices", []),
             "example_scores": chosen.get("example_scores", []),
             "seconds": chosen.get("seconds", 0.0),
+            "eval_seconds": chosen.get("eval_seconds", 0.0),
+            "influence_seconds": chosen.get("influence_seconds", {}),
             "seed": self.seed,
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -579,6 +589,7 @@ class DataRepairCallback(pl.Callback):
         with jsonl_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         scalars = {f"repair/{run.strategy}/{key}": value for key, value in metrics.items() if value is not None}
+        scalars["repair/step"] = step
         if record["update_loss"] is not None:
             scalars[f"repair/{run.strategy}/update_loss"] = record["update_loss"]
         for logger in trainer.loggers:
@@ -765,7 +776,11 @@ def _val_dataset(trainer: pl.Trainer, index: int, name: str) -> Dataset:
         datamodule = getattr(trainer, "datamodule", None)
         loaders = datamodule.val_dataloader() if datamodule is not None else None
     if loaders is None:
-        raise ValueError(f"`{name}={index}` names a validation dataloader, but the trainer has none.")
+        raise ValueError(
+            f"`{name}={index}` names a validation dataloader, but the trainer has none. Pass validation "
+            "dataloaders to `fit` or a datamodule, and define `validation_step`: without it Lightning skips "
+            "the validation loop and sets up no validation dataloader."
+        )
     loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
     if index >= len(loaders):
         raise ValueError(f"`{name}={index}` but there are {len(loaders)} validation dataloaders.")

@@ -56,6 +56,8 @@ RECORD_KEYS = {
     "example_indices",
     "example_scores",
     "seconds",
+    "eval_seconds",
+    "influence_seconds",
     "seed",
     "epoch",
     "global_step",
@@ -390,6 +392,52 @@ def test_at_epoch_runs_once(task: Task, tmp_path: Path) -> None:
     records = read_jsonl(tmp_path / "repair" / JSONL_NAME)
     assert len(records) == 3
     assert {r["epoch"] for r in records} == {7}
+
+
+class ValidatedSpuriousMLP(SpuriousMLP):
+    """SpuriousMLP with a validation loop, so Lightning sets up its validation dataloaders."""
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("val_loss", self.influence_loss(batch), add_dataloader_idx=True)
+
+
+def test_validation_dataloaders_supply_sets(task: Task, tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    callback = DataRepairCallback(
+        target_dataloader_idx=1,
+        source_dataloader_idx=0,
+        pool_dataset=task.pool,
+        strategy="random",
+        num_steps=1,
+        policy="restore",
+        output_dir=str(tmp_path / "repair"),
+        progress=False,
+    )
+    trainer = quiet_trainer(callbacks=[callback], max_epochs=10)
+    val_loaders = [DataLoader(task.source, batch_size=50), DataLoader(task.target, batch_size=50)]
+    trainer.fit(ValidatedSpuriousMLP(), DataLoader(task.train, batch_size=32, shuffle=True), val_loaders)
+
+    result = callback.last_result
+    assert result is not None
+    assert result.num_target == len(task.target)
+    assert set(result.anchor_candidates) <= task.target.counter
+    assert result.runs["random"].metric("source_acc", 0) == 1.0
+
+
+def test_skipped_validation_loop_rejected(task: Task, tmp_path: Path) -> None:
+    callback = DataRepairCallback(
+        target_dataloader_idx=1,
+        pool_dataset=task.pool,
+        strategy="random",
+        num_steps=1,
+        policy="restore",
+        output_dir=str(tmp_path / "repair"),
+        progress=False,
+    )
+    trainer = quiet_trainer(callbacks=[callback], max_epochs=1)
+    val_loaders = [DataLoader(task.source, batch_size=50), DataLoader(task.target, batch_size=50)]
+    with pytest.raises(ValueError, match="define `validation_step`"):
+        trainer.fit(SpuriousMLP(), DataLoader(task.train, batch_size=32), val_loaders)
 
 
 def test_at_epoch_past_training_warns(task: Task, tmp_path: Path) -> None:

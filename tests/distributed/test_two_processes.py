@@ -1,11 +1,19 @@
 """Two gloo CPU processes give the same scores as one process running the same LiSSA repeats."""
 
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_fastif import InfluenceComputer, LiSSASolver, compute_influences
 from lightning_fastif.distributed import share
+from lightning_fastif.results import read_jsonl
 from tests.helpers.problems import logistic_problem
 
 RTOL = 1e-6
@@ -64,3 +72,30 @@ def test_share_covers_every_item_once():
             assert [i for start, stop in shares for i in range(start, stop)] == list(range(total))
             sizes = [stop - start for start, stop in shares]
             assert max(sizes) - min(sizes) <= 1
+
+
+def run_validate(out_dir, devices):
+    script = Path(__file__).with_name("ddp_validate.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(out_dir), str(devices)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_jsonl(out_dir / "step_0.jsonl")
+
+
+def test_ddp_callback_matches_one_process(tmp_path):
+    single = run_validate(tmp_path / "one", 1)
+    double = run_validate(tmp_path / "two", 2)
+    assert len(single) > 0
+    assert [(r["query_index"], r["train_index"], r["kind"]) for r in double] == [
+        (r["query_index"], r["train_index"], r["kind"]) for r in single
+    ]
+    for one, two in zip(single, double, strict=True):
+        assert math.isclose(one["score"], two["score"], rel_tol=RTOL), (one, two)
+    one_work = json.loads((tmp_path / "one" / "work_rank0.json").read_text())
+    two_work = [json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text()) for rank in range(2)]
+    # Each of the two ranks ran half of every query's LiSSA repeats and scored half of its candidates.
+    for work in two_work:
+        assert work["repeats"] * 2 == one_work["repeats"]
+        assert work["scored"] * 2 == one_work["scored"]

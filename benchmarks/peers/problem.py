@@ -1,0 +1,132 @@
+"""The small benchmark problem shared by every runner: L2-regularised logistic regression in float64.
+
+This file imports only torch, so it loads in every peer's virtual environment. The driver builds the
+problem once, retrains it without each training example (leave-one-out, LOO), and saves everything with
+:func:`save_problem`. Each runner loads the same file with :func:`load_problem`.
+
+The training objective is ``mean_i bce(x_i^T theta, y_i) + weight_decay * ||theta||^2``, so its Hessian is
+the Hessian of the mean loss plus ``2 * weight_decay * I``. Runners give the peers the plain mean loss and
+``2 * weight_decay`` as damping, which is the same system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LogisticRegression(nn.Module):
+    """``sigmoid(x^T theta)`` without a bias: one linear layer with one output, returned as a logit ``[B]``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).squeeze(-1)
+
+
+def mean_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Return the mean binary cross-entropy of a batch ``(x, y)``, without the L2 term."""
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(model(x), y)
+
+
+@dataclass
+class Problem:
+    """Training set, queries, fitted weights and LOO ground truth.
+
+    Attributes:
+        x_train, y_train: Training inputs ``[N, D]`` and 0/1 labels ``[N]``.
+        x_query, y_query: Query inputs ``[Q, D]`` and labels ``[Q]``.
+        theta: Weights that minimise the training objective, ``[D]``.
+        weight_decay: Coefficient of ``||theta||^2`` in the training objective.
+        loo_change: ``loss_q(theta without example i) - loss_q(theta)`` for query ``q`` and training example
+            ``i``, shape ``[Q, N]``.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_query: Tensor
+    y_query: Tensor
+    theta: Tensor
+    weight_decay: float
+    loo_change: Tensor
+
+    def model(self) -> LogisticRegression:
+        """Return a float64 model holding the fitted weights."""
+        model = LogisticRegression(self.x_train.shape[1]).double()
+        with torch.no_grad():
+            model.linear.weight.copy_(self.theta.unsqueeze(0))
+        return model.eval()
+
+    def train_dataset(self) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(self.x_train, self.y_train)
+
+    def query_dataset(self) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(self.x_query, self.y_query)
+
+
+def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, sample_weights: Tensor | None = None,
+                 init: Tensor | None = None) -> Tensor:
+    """Minimise ``sum_i w_i * bce_i / n + weight_decay * ||theta||^2`` by Newton's method to machine precision."""
+    n, d = x.shape
+    weights = torch.ones(n, dtype=torch.float64) if sample_weights is None else sample_weights
+    theta = torch.zeros(d, dtype=torch.float64) if init is None else init.clone()
+    eye = torch.eye(d, dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(x @ theta)
+        gradient = x.T @ (weights * (p - y)) / n + 2 * weight_decay * theta
+        hessian = (x.T * (weights * p * (1 - p))) @ x / n + 2 * weight_decay * eye
+        step = torch.linalg.solve(hessian, gradient)
+        theta = theta - step
+        if step.abs().max() < 1e-14:
+            return theta
+    raise RuntimeError("Newton's method did not converge in 100 steps.")
+
+
+def query_losses(theta: Tensor, x_query: Tensor, y_query: Tensor) -> Tensor:
+    """Return the loss of each query, ``[Q]``."""
+    return F.binary_cross_entropy_with_logits(x_query @ theta, y_query, reduction="none")
+
+
+def make_problem(num_train: int, features: int, num_queries: int, weight_decay: float, seed: int) -> Problem:
+    """Draw a logistic-regression data set, fit it, and retrain it once without each training example.
+
+    Removing example ``i`` means fitting with weight 0 on it and ``1`` elsewhere, still dividing by ``N``:
+    this is up-weighting by ``-1/N`` in the influence-function sense, so the first-order prediction of the
+    LOO change is ``-score / N``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # Queries are the worst-predicted of 4 * num_queries held-out examples, because influence functions are
+    # mostly used to explain errors.
+    held_out = 4 * num_queries
+    total = num_train + held_out
+    x = torch.randn(total, features, generator=generator, dtype=torch.float64)
+    true_theta = torch.randn(features, generator=generator, dtype=torch.float64)
+    y = (torch.rand(total, generator=generator, dtype=torch.float64) < torch.sigmoid(x @ true_theta)).double()
+    x_train, y_train = x[:num_train], y[:num_train]
+    theta = fit_logistic(x_train, y_train, weight_decay)
+    held_out_losses = query_losses(theta, x[num_train:], y[num_train:])
+    worst = num_train + held_out_losses.argsort(descending=True)[:num_queries]
+    x_query, y_query = x[worst], y[worst]
+    base = query_losses(theta, x_query, y_query)
+    loo_change = torch.empty(num_queries, num_train, dtype=torch.float64)
+    for i in range(num_train):
+        keep = torch.ones(num_train, dtype=torch.float64)
+        keep[i] = 0.0
+        retrained = fit_logistic(x_train, y_train, weight_decay, keep, init=theta)
+        loo_change[:, i] = query_losses(retrained, x_query, y_query) - base
+    return Problem(x_train, y_train, x_query, y_query, theta, weight_decay, loo_change)
+
+
+def save_problem(problem: Problem, path: Path) -> None:
+    torch.save(asdict(problem), path)
+
+
+def load_problem(path: Path) -> Problem:
+    return Problem(**torch.load(path, weights_only=True))
