@@ -91,7 +91,7 @@ def test_cli_fit_runs_influence_from_yaml(tmp_path):
     assert "val/hans_acc" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "full.yaml"])
 def test_example_configs_parse(name):
     from pytorch_lightning.cli import LightningCLI
 
