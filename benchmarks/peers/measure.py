@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +32,23 @@ def _status_kib(field: str) -> float:
 
 
 class Stopwatch:
-    """Named wall-clock stages, in seconds."""
+    """Named stages in wall-clock seconds and in CPU seconds of this process (all its threads).
+
+    Stages may nest, and a repeated name adds up.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._start = 0.0
-        self._name = ""
+        self.cpu_seconds: dict[str, float] = {}
 
-    def __call__(self, name: str) -> Stopwatch:
-        self._name = name
-        return self
-
-    def __enter__(self) -> Stopwatch:
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
 
 
 def set_threads() -> int:
@@ -56,9 +58,17 @@ def set_threads() -> int:
     return threads
 
 
-def write_result(path: Path, *, scores: Tensor, candidates: Tensor | None, stopwatch: Stopwatch,
-                 baseline_rss_mib: float, versions: dict[str, str], notes: str = "", **extra: Any) -> None:
-    """Write a runner's scores ``[Q, N]`` (our sign: negative is helpful), timings and memory.
+def write_result(
+    path: Path,
+    *,
+    scores: Tensor,
+    candidates: Tensor | None,
+    stopwatch: Stopwatch,
+    baseline_rss_mib: float,
+    versions: dict[str, str],
+    **extra: Any,
+) -> None:
+    """Write a runner's scores ``[Q, N]`` (negative is helpful), seconds and memory to ``path`` with ``torch.save``.
 
     Args:
         candidates: ``[Q, k]`` training indices that were scored, or ``None`` when every example was.
@@ -70,11 +80,11 @@ def write_result(path: Path, *, scores: Tensor, candidates: Tensor | None, stopw
             "scores": scores.detach().double().cpu(),
             "candidates": None if candidates is None else candidates.cpu(),
             "seconds": stopwatch.seconds,
+            "cpu_seconds": stopwatch.cpu_seconds,
             "peak_rss_mib": peak_rss_mib(),
             "baseline_rss_mib": baseline_rss_mib,
             "threads": torch.get_num_threads(),
             "versions": versions,
-            "notes": notes,
             **extra,
         },
         path,

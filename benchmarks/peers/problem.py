@@ -71,8 +71,9 @@ class Problem:
         return torch.utils.data.TensorDataset(self.x_query, self.y_query)
 
 
-def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, sample_weights: Tensor | None = None,
-                 init: Tensor | None = None) -> Tensor:
+def fit_logistic(
+    x: Tensor, y: Tensor, weight_decay: float, sample_weights: Tensor | None = None, init: Tensor | None = None
+) -> Tensor:
     """Minimise ``sum_i w_i * bce_i / n + weight_decay * ||theta||^2`` by Newton's method to machine precision."""
     n, d = x.shape
     weights = torch.ones(n, dtype=torch.float64) if sample_weights is None else sample_weights

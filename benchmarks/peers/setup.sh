@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Create one virtual environment per peer influence package under benchmarks/.venvs/<peer>.
-# Each gets the CPU build of torch first (a bare `torch` requirement pulls a CUDA build of several GB),
-# then the peer from PyPI, then numpy/scipy for the runner. The peers never enter .venv.
+# Create one virtual environment per peer influence package under benchmarks/.venvs/<peer> (git-ignored),
+# for benchmarks/peers.py. The peers never enter .venv and are no dependency of the package.
+# Each venv gets the CPU build of torch first, because a bare `torch` requirement pulls a CUDA build of
+# several GB, then the peer at the version the figures in docs/benchmarks.md were measured with, then
+# scipy. TORCH_VERSION=... picks another torch.
 # Usage: bash benchmarks/peers/setup.sh [peer ...]   (default: dattri pydvl kronfluence captum)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH=torch==${TORCH_VERSION:-2.13.0}
 peers=("$@")
 if [ ${#peers[@]} -eq 0 ]; then
     peers=(dattri pydvl kronfluence captum)
@@ -17,20 +19,33 @@ for peer in "${peers[@]}"; do
     if [ ! -x "$venv/bin/python" ]; then
         "$PYTHON" -m venv "$venv"
     fi
-    pip="$venv/bin/python -m pip"
-    $pip install --quiet --upgrade pip
-    $pip install --quiet "torch==$TORCH_VERSION"
+    pip=("$venv/bin/python" -m pip)
+    "${pip[@]}" install --quiet --upgrade pip
+    "${pip[@]}" install --quiet "$TORCH"
     case "$peer" in
+        dattri)
+            "${pip[@]}" install --quiet "$TORCH" dattri==0.3.0
+            ;;
+        pydvl)
+            # The influence extra brings dask, distributed and zarr, which pydvl.influence imports.
+            # pyDVL 0.10.0 pins numpy below 2, so this venv gets numpy 1.26.
+            "${pip[@]}" install --quiet "$TORCH" "pydvl[influence]==0.10.0"
+            ;;
         kronfluence)
-            # kronfluence's own requirements pull a newer CUDA torch plus torchvision, so its dependencies
-            # are installed by hand against the pinned CPU torch.
-            $pip install --quiet --no-deps kronfluence
-            $pip install --quiet accelerate einops "numpy" opt_einsum safetensors tqdm scikit-learn transformers
+            # kronfluence 1.0.1 requires torchvision, and resolving it replaces the CPU torch with a CUDA
+            # build of several GB. kronfluence never imports torchvision, so its other requirements are
+            # installed by hand against the CPU torch.
+            "${pip[@]}" install --quiet --no-deps kronfluence==1.0.1 einconv
+            "${pip[@]}" install --quiet "$TORCH" accelerate einops opt_einsum safetensors tqdm
+            ;;
+        captum)
+            "${pip[@]}" install --quiet "$TORCH" captum==0.9.0
             ;;
         *)
-            $pip install --quiet "$peer" "torch==$TORCH_VERSION"
+            echo "Unknown peer '$peer'; expected dattri, pydvl, kronfluence or captum." >&2
+            exit 2
             ;;
     esac
-    $pip install --quiet scipy
+    "${pip[@]}" install --quiet scipy
     "$venv/bin/python" -c "import importlib.metadata as m, torch; print('$peer', m.version('$peer'), 'torch', torch.__version__)"
 done
