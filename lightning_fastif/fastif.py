@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from lightning_fastif.distributed import rank_and_world
+from lightning_fastif.distributed import all_gather_columns, rank_and_world, share
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch, slice_batch
 from lightning_fastif.functional.params import ParameterSpec, influence_mode
 from lightning_fastif.functional.scores import TopInfluences, top_influences
@@ -174,20 +174,7 @@ class FastIF:
         fingerprint = weights_fingerprint(self.model)
         if self.index is not None and not self.index.is_stale(fingerprint):
             return self.index
-        loader = DataLoader(
-            self.train_dataset, batch_size=self.config.feature_batch_size, shuffle=False, collate_fn=self.collate_fn
-        )
-        device = self.computer.device
-
-        def features(batch: Any) -> Tensor:
-            return self.features_fn(move_batch(batch, device))
-
-        with influence_mode(self.model):
-            train_features, _ = compute_features(features, loader, progress=progress, desc="kNN train features")
-        if train_features.shape[0] != self.num_train:
-            raise ValueError(
-                f"The features function returned {train_features.shape[0]} rows for {self.num_train} training examples."
-            )
+        train_features = self._train_features(progress=progress)
         self.index = KNNIndex(
             train_features,
             ids=torch.arange(self.num_train),
@@ -199,6 +186,39 @@ class FastIF:
             self.index.save(self.index_path)
         log.info("Built a %s kNN index over %d training examples.", self.config.index_type, self.num_train)
         return self.index
+
+    def _train_features(self, *, progress: bool) -> Tensor:
+        """Compute the kNN features ``[N, D]`` of the training set in dataset order.
+
+        Under an initialised process group each rank computes a contiguous share of the rows and the
+        shares are all-gathered, so every rank gets the whole matrix.
+        """
+        rank, world_size = rank_and_world()
+        if self.num_train < world_size:
+            rank, world_size = 0, 1  # Too few examples to give every rank one: each computes them all.
+        shares = [share(self.num_train, r, world_size) for r in range(world_size)]
+        start, stop = shares[rank]
+        dataset = self.train_dataset if world_size == 1 else Subset(self.train_dataset, range(start, stop))
+        loader = DataLoader(
+            dataset, batch_size=self.config.feature_batch_size, shuffle=False, collate_fn=self.collate_fn
+        )
+        device = self.computer.device
+
+        def features(batch: Any) -> Tensor:
+            return self.features_fn(move_batch(batch, device))
+
+        with influence_mode(self.model):
+            local, _ = compute_features(features, loader, progress=progress and rank == 0, desc="kNN train features")
+        if local.shape[0] != stop - start:
+            raise ValueError(
+                f"The features function returned {local.shape[0]} rows for {stop - start} training examples."
+            )
+        if world_size == 1:
+            return local
+        # all_gather_columns joins [D, n_rank] blocks along dim 1; the gather runs on the model's device,
+        # which NCCL needs, and the index is built on the CPU.
+        gathered = all_gather_columns(local.T.contiguous().to(device), [b - a for a, b in shares])
+        return gathered.T.contiguous().cpu()
 
     def query_features(self, query_batch: Any) -> Tensor:
         """Return kNN features ``[B, D]`` of a query batch, validated like train features."""

@@ -15,14 +15,16 @@ import pytorch_lightning as pl
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import lightning_fastif.fastif as fastif  # noqa: E402
 from lightning_fastif import InfluenceComputer, LiSSASolver  # noqa: E402
 from lightning_fastif.callbacks.influence import InfluenceCallback  # noqa: E402
+from lightning_fastif.knn import compute_features  # noqa: E402
 from tests.helpers.lightning import TinyClassifier, TokenDataModule  # noqa: E402
 
 
 def record_work(out_dir: str) -> None:
-    """Count the LiSSA repeats and candidates each rank handles, written to ``work_rank<R>.json`` at exit."""
-    work = {"repeats": 0, "scored": 0}
+    """Count the LiSSA repeats, candidates and feature rows each rank handles, in ``work_rank<R>.json`` at exit."""
+    work = {"repeats": 0, "scored": 0, "feature_rows": 0}
     one_repeat = LiSSASolver._one_repeat
     score_positions = InfluenceComputer._score_positions
 
@@ -34,8 +36,14 @@ def record_work(out_dir: str) -> None:
         work["scored"] += len(positions)
         return score_positions(self, ihvps, positions, progress=progress)
 
+    def record_features(*args, **kwargs):
+        features, indices = compute_features(*args, **kwargs)
+        work["feature_rows"] += features.shape[0]
+        return features, indices
+
     LiSSASolver._one_repeat = record_repeat
     InfluenceComputer._score_positions = record_scoring
+    fastif.compute_features = record_features
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     atexit.register(lambda: Path(out_dir, f"work_rank{rank}.json").write_text(json.dumps(work)))
 

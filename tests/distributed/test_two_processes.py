@@ -95,7 +95,10 @@ def test_ddp_callback_matches_one_process(tmp_path):
         assert math.isclose(one["score"], two["score"], rel_tol=RTOL), (one, two)
     one_work = json.loads((tmp_path / "one" / "work_rank0.json").read_text())
     two_work = [json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text()) for rank in range(2)]
-    # Each of the two ranks ran half of every query's LiSSA repeats and scored half of its candidates.
+    # Each of the two ranks ran half of every query's LiSSA repeats, scored half of its candidates and
+    # computed the kNN features of half of the training set.
     for work in two_work:
         assert work["repeats"] * 2 == one_work["repeats"]
         assert work["scored"] * 2 == one_work["scored"]
+        assert work["feature_rows"] * 2 == one_work["feature_rows"]
+    assert one_work["feature_rows"] > 0
