@@ -148,6 +148,22 @@ def test_no_logger_writes_file_and_warns(tmp_path):
     assert set(rows[0]) == set(TABLE_COLUMNS) | {"global_step", "epoch"}
 
 
+def test_csv_logger_gets_stage_times_and_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = InfluenceCallback(**FAST)
+    logger = CSVLogger(tmp_path, name="csv")
+    with pytest.warns(UserWarning, match="no WandbLogger") as warnings:
+        trainer(tmp_path, [callback], logger=logger, max_epochs=2).fit(TinyClassifier(), TokenDataModule())
+    assert sum("no WandbLogger" in str(w.message) for w in warnings) == 1
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("influence/time/total")]
+    assert len(rows) == 2  # one influence run per validation run
+    for row in rows:
+        assert float(row["influence/time/total"]) > 0
+        assert float(row["influence/num_queries"]) == len(callback.last_results)
+    assert read_jsonl(callback.last_output)
+
+
 def test_explicit_query_indices(tmp_path):
     pl.seed_everything(0)
     callback = InfluenceCallback(**{**FAST, "query_indices": [4, 7]})
