@@ -1,8 +1,9 @@
 """Shared code of the data-repair studies in ``examples/mnli_hans`` and ``examples/anli``.
 
-It loads an :class:`~lightning_fastif.nli.NLIClassifier` checkpoint with influence hooks that know HANS's
-two labels, runs :class:`~lightning_fastif.callbacks.DataRepairCallback` for every seed of one setting
-(a target set, a pool and a source set), and writes the results as JSON and as a markdown table.
+It loads an :class:`~lightning_fastif.nli.NLIClassifier` checkpoint, whose influence hooks score HANS rows
+on HANS's two labels (``neutral`` and ``contradiction`` both count as ``non-entailment``), runs
+:class:`~lightning_fastif.callbacks.DataRepairCallback` for every seed of one setting (a target set, a pool
+and a source set), and writes the results as JSON and as markdown tables.
 """
 
 from __future__ import annotations
@@ -23,21 +24,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_fastif.callbacks import DataRepairCallback
 from lightning_fastif.callbacks.repair import STRATEGIES
-from lightning_fastif.hf import model_inputs
-from lightning_fastif.mixin import FastIFMixin
 from lightning_fastif.nli import (
-    IGNORE_HANS_LABEL,
     NLIClassifier,
     NLIDataset,
     collate_nli,
     load_tokenizer,
     read_nli_jsonl,
-    to_hans_predictions,
 )
 
 log = logging.getLogger(__name__)
@@ -45,53 +41,7 @@ log = logging.getLogger(__name__)
 METRICS = ("target_acc", "holdout_acc", "source_acc")
 
 
-class RepairNLIClassifier(NLIClassifier, FastIFMixin):
-    """An NLI classifier whose influence hooks score HANS rows by HANS's two labels.
-
-    A HANS row (``hans_labels`` of 0 or 1) is right when the 3-way prediction maps to its HANS label, so
-    ``neutral`` and ``contradiction`` both count as ``non-entailment``, and its loss is the HANS
-    log-likelihood of :func:`~lightning_fastif.nli.hans_nll_loss`. Other rows use the 3-way labels.
-    """
-
-    def influence_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
-        backbone = self.influence_backbone()
-        dtype = next(backbone.parameters()).dtype
-        logits = backbone(**model_inputs(dict(batch), dtype)).logits  # [B, 3]
-        return branch_free_nli_loss(logits, batch["labels"], batch.get("hans_labels"))
-
-    def influence_errors(self, batch: Mapping[str, Tensor], predictions: Tensor) -> Tensor:
-        errors = predictions != batch["labels"].to(predictions.device)
-        hans_labels = batch.get("hans_labels")
-        if hans_labels is None:
-            return errors
-        hans_labels = hans_labels.to(predictions.device)
-        hans_errors = to_hans_predictions(predictions) != hans_labels
-        return torch.where(hans_labels != IGNORE_HANS_LABEL, hans_errors, errors)
-
-
-def branch_free_nli_loss(logits: Tensor, labels: Tensor, hans_labels: Tensor | None = None) -> Tensor:
-    """Compute :func:`~lightning_fastif.nli.nli_loss` without data-dependent branches, so ``vmap`` can trace it.
-
-    Per-example gradients then run vectorised over batches that mix HANS and 3-way rows.
-
-    Args:
-        logits: Scores of shape ``(B, 3)`` in MNLI order.
-        labels: 3-way class ids of shape ``(B,)``.
-        hans_labels: HANS ids of shape ``(B,)``, ``IGNORE_HANS_LABEL`` for 3-way rows, or None.
-
-    Returns:
-        The mean loss over the batch.
-    """
-    log_probs = torch.log_softmax(logits, dim=-1)  # [B, 3]
-    three_way = -log_probs.gather(1, labels[:, None]).squeeze(1)  # [B]
-    if hans_labels is None:
-        return three_way.mean()
-    non_entailment = -torch.logsumexp(log_probs[:, 1:], dim=-1)  # [B]
-    hans = torch.where(hans_labels == 0, -log_probs[:, 0], non_entailment)
-    return torch.where(hans_labels != IGNORE_HANS_LABEL, hans, three_way).mean()
-
-
-def load_classifier(checkpoint: str | Path, tokenizer: str | None = None) -> tuple[RepairNLIClassifier, Any]:
+def load_classifier(checkpoint: str | Path, tokenizer: str | None = None) -> tuple[NLIClassifier, Any]:
     """Load an ``NLIClassifier`` checkpoint on the CPU in eval mode, with its tokenizer.
 
     Args:
@@ -101,7 +51,7 @@ def load_classifier(checkpoint: str | Path, tokenizer: str | None = None) -> tup
     Raises:
         ValueError: If no tokenizer is given and the checkpoint's classifier has none.
     """
-    model = RepairNLIClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    model = NLIClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu")
     model.eval()
     if tokenizer is not None:
         return model, load_tokenizer(tokenizer)
@@ -240,9 +190,7 @@ def repair_callback(args: argparse.Namespace, setting: Setting, seed: int, outpu
 # Running and reporting.
 
 
-def run_setting(
-    model: RepairNLIClassifier, setting: Setting, args: argparse.Namespace, output_dir: Path
-) -> dict[str, Any]:
+def run_setting(model: NLIClassifier, setting: Setting, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     """Run every strategy for every seed of ``args.seeds`` from the model's weights; return the results."""
     log.info("Setting %s: %s", setting.name, setting.description)
     per_seed: dict[str, dict[str, Any]] = {}
@@ -323,7 +271,69 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
             ]
             lines.append(f"| {strategy} | " + " | ".join(_cell(cell) for cell in cells) + " |")
         lines.append("")
+    lines += gain_table(settings, args)
     return "\n".join(lines)
+
+
+def seed_changes(setting: Mapping[str, Any], strategy: str, metric: str) -> list[float]:
+    """Return the change of ``metric`` from before to after the repair, one value per seed."""
+    changes = []
+    for seed in setting["per_seed"].values():
+        entry = seed["runs"][strategy][metric]
+        if entry["before"] is not None and entry["after"] is not None:
+            changes.append(entry["after"] - entry["before"])
+    return changes
+
+
+def gain_groups(settings: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Group settings for the overall rows: all of them, and by pool when names end in ``-<pool>``."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for setting in settings:
+        if "-" in setting["name"]:
+            groups.setdefault(f"overall, pool {setting['name'].rsplit('-', 1)[1]}", []).append(setting)
+    if len(settings) > 1:
+        groups["overall"] = list(settings)
+    return groups
+
+
+GAIN_METRICS = (
+    ("holdout_acc", "held-out target split (errors and correct examples)"),
+    ("target_acc", "held-out target errors"),
+    ("source_acc", "source set"),
+)
+
+
+def gain_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Lay out the change of each accuracy per setting and strategy, plus overall rows.
+
+    A setting's cell is the mean ± sample standard deviation over seeds. An overall cell pools every
+    (setting, seed) run of its group, so its spread covers settings and seeds.
+    """
+    strategies = list(args.strategies)
+    rows = [(setting["name"], [setting]) for setting in settings] + list(gain_groups(settings).items())
+    lines = []
+    for metric, title in GAIN_METRICS:
+        lines += [
+            f"### Change in accuracy on the {title}, after minus before, in points",
+            "",
+            "| setting | " + " | ".join(strategies) + " |",
+            "|---|" + "---|" * len(strategies),
+        ]
+        for name, group in rows:
+            cells = [
+                _points([c for setting in group for c in seed_changes(setting, strategy, metric)])
+                for strategy in strategies
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _points(changes: Sequence[float]) -> str:
+    entry = _mean_std(changes)
+    if entry["mean"] is None:
+        return "-"
+    return f"{100 * entry['mean']:+.1f} ± {100 * entry['std']:.1f}"
 
 
 def write_results(output_dir: Path, settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> Path:

@@ -600,7 +600,8 @@ class DataRepairCallback(pl.Callback):
             return run.strategy, "policy 'keep'"
         if self.policy == "restore":
             return None, "policy 'restore'"
-        drop = -(run.change("source_acc") or 0.0)
+        # 0.0 - change, unlike -change, never formats as "-0.0000" when nothing changed.
+        drop = 0.0 - (run.change("source_acc") or 0.0)
         if drop > self.max_source_drop:
             return None, f"source accuracy fell by {drop:.4f} > max_source_drop={self.max_source_drop}"
         return run.strategy, f"source accuracy fell by {drop:.4f} <= max_source_drop={self.max_source_drop}"

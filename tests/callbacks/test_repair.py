@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -27,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_fastif.callbacks import DataRepairCallback
 from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
 from lightning_fastif.mixin import FastIFMixin
+
+REPAIR_YAML = Path(__file__).resolve().parents[2] / "examples" / "mnli_hans" / "repair.yaml"
 
 NOISE_DIMS = 4
 CORE_MEAN = 1.0
@@ -459,6 +465,118 @@ def test_built_from_yaml() -> None:
     assert callback.config.depth == 1000  # FastIF's default
 
 
+def test_repair_yaml_parses() -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(args=["fit", "--config", str(REPAIR_YAML), "--print_config"], run=True)
+    assert exit_info.value.code == 0
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def mnli_rows(count: int) -> list[dict[str, Any]]:
+    labels = ["entailment", "neutral", "contradiction"]
+    return [
+        {"premise": f"A person number {i} walks.", "hypothesis": f"Someone {i} moves.", "label": labels[i % 3]}
+        for i in range(count)
+    ]
+
+
+def hans_rows(count: int) -> list[dict[str, Any]]:
+    """HANS rows, alternately entailment and non-entailment, so a model that predicts one class errs on half."""
+    rows = []
+    for i in range(count):
+        entailment = i % 2 == 0
+        rows.append(
+            {
+                "premise": f"The doctor {i} saw the lawyer .",
+                "hypothesis": f"The doctor {i} saw someone ." if entailment else f"The lawyer {i} saw the doctor .",
+                "label": "entailment" if entailment else "non-entailment",
+                "heuristic": "lexical_overlap",
+                "subcase": "le_relative_clause" if entailment else "ln_subject/object_swap",
+                "template": "temp1",
+            }
+        )
+    return rows
+
+
+def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
+    config = yaml.safe_load(REPAIR_YAML.read_text(encoding="utf-8"))
+    config["data"]["init_args"].update(
+        train_path=write_rows(tmp_path / "train.jsonl", mnli_rows(40)),
+        train_size=None,
+        mnli_val_path=write_rows(tmp_path / "val.jsonl", mnli_rows(12)),
+        mnli_val_size=None,
+        hans_val_path=write_rows(tmp_path / "hans.jsonl", hans_rows(40)),
+        hans_val_size=None,
+        max_length=32,
+        batch_size=8,
+        eval_batch_size=8,
+    )
+    # A tiny random BERT with the MiniLM tokenizer's vocabulary, so the test reads no weights.
+    config["model"]["init_args"] = {
+        "from_config": {
+            "vocab_size": 30522,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+        "tokenizer_name_or_path": "all-MiniLM-L6-v2",
+    }
+    run_dir = tmp_path / "run"
+    config["trainer"].update(default_root_dir=str(run_dir), limit_train_batches=2, enable_progress_bar=False)
+    config["trainer"]["logger"] = {
+        "class_path": "pytorch_lightning.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_dir)},
+    }
+    (repair,) = config["trainer"]["callbacks"]
+    assert repair["class_path"] == "lightning_fastif.callbacks.DataRepairCallback"
+    repair_dir = run_dir / "repair"
+    repair["init_args"].update(
+        num_steps=2,
+        anchor_batch_size=2,
+        num_examples=2,
+        k=20,
+        depth=5,
+        eval_batch_size=8,
+        output_dir=str(repair_dir),
+        progress=False,
+    )
+    config_path = tmp_path / "repair.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_fastif", "fit", "--config", str(config_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(repair_dir / JSONL_NAME)
+    assert [(r["strategy"], r["step"]) for r in records] == [(s, i) for s in ("helpful", "random") for i in range(3)]
+    assert all(r["source_acc"] is not None for r in records)
+    assert all(len(r["example_indices"]) == 2 for r in records if r["step"] > 0)
+    assert max(i for r in records for i in r["example_indices"]) < 40  # the pool is the training set
+    summary = json.loads((repair_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert summary["num_target"] == 40
+    assert (repair_dir / "repaired_helpful.pt").is_file()
+    assert (repair_dir / "repaired_random.pt").is_file()
+    (metrics_path,) = run_dir.glob("lightning_logs/version_*/metrics.csv")
+    with open(metrics_path, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("repair/helpful/target_acc") for row in rows)
+    assert any(row.get("repair/random/source_acc") for row in rows)
+
+
 # Bad input.
 
 
@@ -486,6 +604,12 @@ def test_invalid_settings_raise(kwargs: dict[str, Any], match: str) -> None:
 def test_empty_target_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
     callback = repair_callback(task, tmp_path, target_dataset=SpuriousSet([], set()))
     with pytest.raises(ValueError, match="target dataset is empty"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_empty_pool_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, pool_dataset=SpuriousSet([], set()))
+    with pytest.raises(ValueError, match="pool dataset is empty"):
         callback.repair(quiet_trainer(), model)
 
 
