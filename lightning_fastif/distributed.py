@@ -7,11 +7,12 @@ in the calling process.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -76,3 +77,12 @@ def all_gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy the parameters and buffers of rank ``src``'s ``module`` into every rank's, in place."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            dist.broadcast(tensor.data, src=src)

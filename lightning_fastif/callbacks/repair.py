@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
+from lightning_fastif.distributed import broadcast_module
 from lightning_fastif.fastif import FastIF, FastIFConfig
 from lightning_fastif.functional.batches import move_batch
 from lightning_fastif.functional.params import influence_mode
@@ -348,14 +349,11 @@ class DataRepairCallback(pl.Callback):
             ValueError: If the target set is empty or yields too few errors, or the pool's labels do not
                 fit the model.
             TypeError: If the module lacks :class:`FastIFMixin` or a dataset is not map-style.
-            NotImplementedError: On more than one process.
+
+        Under a distributed strategy every rank must call this: each runs its share of the LiSSA repeats
+        and of the kNN candidates, every rank takes the same update steps, and rank zero writes the files.
         """
         module = _require_mixin(pl_module)
-        if trainer.world_size > 1:
-            raise NotImplementedError(
-                f"DataRepairCallback runs in a single process, but the trainer has world_size={trainer.world_size}. "
-                "Call `repair` on a single-device Trainer, for example on a checkpoint after training."
-            )
         data = self._resolve_data(trainer)
         if self.policy == "restore_on_source_drop" and data.source is None:
             raise ValueError(
@@ -383,7 +381,9 @@ class DataRepairCallback(pl.Callback):
         fastif = self._build_fastif(module, data) if INFLUENCE_STRATEGIES & set(self.strategies) else None
         start_weights = _snapshot(pl_module)
         start_metrics = self._measure(module, data, split, device)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        writes_files = trainer.is_global_zero
+        if writes_files:
+            output_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = output_dir / JSONL_NAME
 
         runs: dict[str, RepairRun] = {}
@@ -396,7 +396,8 @@ class DataRepairCallback(pl.Callback):
             runs[strategy] = run
             if self.save_checkpoint:
                 runs[strategy].checkpoint_path = output_dir / f"repaired_{strategy}.pt"
-                torch.save(pl_module.state_dict(), runs[strategy].checkpoint_path)
+                if writes_files:
+                    torch.save(pl_module.state_dict(), runs[strategy].checkpoint_path)
             if first_weights is None:
                 first_weights = _snapshot(pl_module)
 
@@ -415,7 +416,8 @@ class DataRepairCallback(pl.Callback):
             holdout_errors=split.holdout_errors,
             jsonl_path=jsonl_path,
         )
-        (output_dir / SUMMARY_NAME).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+        if writes_files:
+            (output_dir / SUMMARY_NAME).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
         for logger in trainer.loggers:
             logger.save()
         return result
@@ -501,6 +503,9 @@ class DataRepairCallback(pl.Callback):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        # Every rank took the same step on the same batch. Copying rank zero's weights keeps the ranks
+        # equal where dropout in train mode or non-deterministic kernels made the steps differ.
+        broadcast_module(pl_module)
         return float(loss.detach())
 
     def _make_optimizer(self, pl_module: pl.LightningModule) -> torch.optim.Optimizer:
@@ -586,8 +591,9 @@ class DataRepairCallback(pl.Callback):
             "global_step": trainer.global_step,
         }
         run.history.append(record)
-        with jsonl_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if trainer.is_global_zero:
+            with jsonl_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         scalars = {f"repair/{run.strategy}/{key}": value for key, value in metrics.items() if value is not None}
         scalars["repair/step"] = step
         if record["update_loss"] is not None:

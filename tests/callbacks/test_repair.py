@@ -152,14 +152,18 @@ class Task:
     source: SpuriousSet
 
 
-@pytest.fixture(scope="module")
-def task() -> Task:
+def make_task() -> Task:
     return Task(
         train=spurious_set(400, 0.0, seed=0),
         pool=spurious_set(400, POOL_COUNTER_FRACTION, seed=100),
         target=spurious_set(200, TARGET_COUNTER_FRACTION, seed=200),
         source=spurious_set(200, 0.0, seed=300),
     )
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return make_task()
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:

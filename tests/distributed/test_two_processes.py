@@ -102,3 +102,51 @@ def test_ddp_callback_matches_one_process(tmp_path):
         assert work["scored"] * 2 == one_work["scored"]
         assert work["feature_rows"] * 2 == one_work["feature_rows"]
     assert one_work["feature_rows"] > 0
+
+
+def run_repair(weights, out_dir, devices):
+    script = Path(__file__).with_name("ddp_repair.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(weights), str(out_dir), str(devices)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_jsonl(out_dir / "repair.jsonl")
+
+
+def test_ddp_repair_matches_one_process(tmp_path):
+    from tests.callbacks.test_repair import fit_model, make_task
+
+    weights = tmp_path / "weights.pt"
+    torch.save(fit_model(make_task().train).state_dict(), weights)
+    single = run_repair(weights, tmp_path / "one", 1)
+    double = run_repair(weights, tmp_path / "two", 2)
+
+    # Two strategies, each with the start record and 2 steps, written once (by rank zero).
+    assert len(single) == 6
+    assert len(double) == len(single)
+    for one, two in zip(single, double, strict=True):
+        assert (two["strategy"], two["step"]) == (one["strategy"], one["step"])
+        assert two["anchor_indices"] == one["anchor_indices"]
+        assert two["example_indices"] == one["example_indices"]
+        for metric in ("target_acc", "holdout_acc", "source_acc"):
+            assert two[metric] == one[metric], (metric, one, two)
+        for a, b in zip(one["example_scores"], two["example_scores"], strict=True):
+            assert math.isclose(a, b, rel_tol=RTOL), (one, two)
+    assert any(record["example_scores"] for record in single)
+
+    final_one = torch.load(tmp_path / "one" / "final.pt")
+    final_two = torch.load(tmp_path / "two" / "final.pt")
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, rtol=RTOL, atol=1e-7)
+
+    one_work = json.loads((tmp_path / "one" / "work_rank0.json").read_text())
+    assert one_work["repeats"] > 0
+    for rank in range(2):
+        work = json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text())
+        assert work["repeats"] * 2 == one_work["repeats"]
+        assert work["scored"] * 2 == one_work["scored"]
