@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,7 +101,8 @@ class QueryInfluence:
 
     Attributes:
         query_indices: Dataset indices of the query examples, shape ``[A]`` (one entry unless anchored).
-        candidate_indices: Train indices of the kNN candidates, nearest first, shape ``[k]``.
+        candidate_indices: Train indices of the kNN candidates, nearest first, shape ``[k]``. With
+            ``k=None``, every training index in dataset order, shape ``[N]``.
         scores: Score of each candidate, negative is helpful, shape ``[k]``.
         top: The most helpful and harmful candidates.
         timings: Seconds spent in each stage: "knn", "ihvp", "scores".
@@ -125,7 +126,7 @@ class FastIF:
         collate_fn: Collates items of ``train_dataset``; defaults to ``default_collate``.
         parameters: The parameters to differentiate; see :func:`select_parameters`.
         config: FastIF settings.
-        index_path: When given, the index is saved there after each rebuild.
+        index_path: When given, rank zero saves the index there after each rebuild.
     """
 
     def __init__(
@@ -257,8 +258,10 @@ class FastIF:
             mode: "each" makes every example its own query; "mean" makes one query of the batch's mean loss,
                 with kNN on the mean feature (FastIF's anchor batches).
             query_indices: Dataset indices of the query examples, stored in the results.
-            progress: Show progress bars.
-            solver: Replaces the configured LiSSA solver, for example to run a share of the repeats.
+            progress: Show progress bars over the kNN feature pass, the queries, the LiSSA steps and the
+                candidate scoring.
+            solver: LiSSA solver for this and later calls, which replaces the configured one (for example
+                with another seed). Under a process group its repeats are split across ranks.
         """
         size = batch_size_of(query_batch, name="query_batch")
         ids = torch.as_tensor(list(query_indices) if query_indices is not None else range(size), dtype=torch.long)
@@ -283,7 +286,14 @@ class FastIF:
         timings["knn"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        s_test = self.computer.ihvp(self.computer.query_gradients(query_batch))
+        configured = self.computer.solver
+        if progress and isinstance(configured, LiSSASolver) and not configured.progress:
+            # LiSSA is the longest stage, so it gets a bar too; the configured solver is put back after.
+            self.computer.solver = replace(configured, progress=True)
+        try:
+            s_test = self.computer.ihvp(self.computer.query_gradients(query_batch))
+        finally:
+            self.computer.solver = configured
         timings["ihvp"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -156,3 +156,16 @@ def test_nan_query_features_rejected():
     )
     with pytest.raises(ValueError, match="query features contain NaN"):
         fastif.explain(default_collate(token_items(1, seed=4)))
+
+
+def test_progress_shows_lissa_and_keeps_solver(capsys):
+    model = tiny_bert()
+    fastif = make_fastif(model, token_items(24), k=8)
+    configured = fastif.computer.solver
+    quiet = fastif.explain(default_collate(token_items(1, seed=1)))
+    assert "LiSSA" not in capsys.readouterr().err
+    shown = fastif.explain(default_collate(token_items(1, seed=1)), progress=True)
+    assert "LiSSA" in capsys.readouterr().err
+    assert fastif.computer.solver is configured
+    assert not configured.progress
+    torch.testing.assert_close(shown[0].scores, quiet[0].scores)

@@ -63,7 +63,8 @@ class InfluenceCallback(pl.Callback):
         train_dataset: Candidate training set; defaults to the datamodule's ``train_dataset`` or the
             training dataloader's dataset.
         output_dir: Folder of the JSON Lines files; defaults to ``<trainer.log_dir>/influence``.
-        progress: Show progress bars over the influence work.
+        progress: Show progress bars over the kNN feature pass, the queries, the LiSSA steps and the
+            candidate scoring.
     """
 
     def __init__(
