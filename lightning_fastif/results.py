@@ -101,7 +101,8 @@ def log_wandb(
     """Log a table of the rows, a histogram of every candidate score and stage timings to a W&B run."""
     import wandb
 
-    table = wandb.Table(columns=TABLE_COLUMNS, data=[[row[column] for column in TABLE_COLUMNS] for row in rows])
+    columns: list[str | int] = list(TABLE_COLUMNS)
+    table = wandb.Table(columns=columns, data=[[row[column] for column in TABLE_COLUMNS] for row in rows])
     payload: dict[str, Any] = {f"{key}/top_examples": table, **metrics}
     if scores:
         payload[f"{key}/scores"] = wandb.Histogram(list(scores))

@@ -99,7 +99,7 @@ class RepairResult:
 
     def summary(self) -> dict[str, Any]:
         """Return a JSON-ready summary: sizes, the decision and before/after metrics of each strategy."""
-        runs = {}
+        runs: dict[str, dict[str, Any]] = {}
         for name, run in self.runs.items():
             first, last = run.history[0], run.history[-1]
             runs[name] = {
@@ -395,9 +395,10 @@ class DataRepairCallback(pl.Callback):
             self._run_strategy(trainer, module, pl_module, data, split, fastif, run, jsonl_path)
             runs[strategy] = run
             if self.save_checkpoint:
-                runs[strategy].checkpoint_path = output_dir / f"repaired_{strategy}.pt"
+                checkpoint_path = output_dir / f"repaired_{strategy}.pt"
+                runs[strategy].checkpoint_path = checkpoint_path
                 if writes_files:
-                    torch.save(pl_module.state_dict(), runs[strategy].checkpoint_path)
+                    torch.save(pl_module.state_dict(), checkpoint_path)
             if first_weights is None:
                 first_weights = _snapshot(pl_module)
 
@@ -818,14 +819,14 @@ def _correct(
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     """Copy every parameter and buffer (persistent or not) of ``module``."""
-    tensors = {f"param:{name}": p for name, p in module.named_parameters()}
+    tensors: dict[str, Tensor] = {f"param:{name}": p for name, p in module.named_parameters()}
     tensors.update({f"buffer:{name}": b for name, b in module.named_buffers()})
     return {name: tensor.detach().clone() for name, tensor in tensors.items()}
 
 
 def _load_snapshot(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
     """Copy a :func:`_snapshot` back into the module's own tensors, so references to them stay valid."""
-    tensors = {f"param:{name}": p for name, p in module.named_parameters()}
+    tensors: dict[str, Tensor] = {f"param:{name}": p for name, p in module.named_parameters()}
     tensors.update({f"buffer:{name}": b for name, b in module.named_buffers()})
     with torch.no_grad():
         for name, tensor in tensors.items():

@@ -78,7 +78,7 @@ class FunctionalLoss:
         return checked_loss(functional_call(self._module, mapping, (batch,)), where="on a batch")
 
     def l2(self, params: tuple[Tensor, ...]) -> Tensor:
-        return self.weight_decay * sum((p * p).sum() for p in params)
+        return self.weight_decay * torch.stack([(p * p).sum() for p in params]).sum()
 
     def gradient(self, batch: Any) -> Tensor:
         """Return the flat gradient ``[P]`` of the mean loss over ``batch``."""
