@@ -51,6 +51,7 @@ class FastIFConfig:
         index_type: faiss index, "flat" (exact), "ivf" or "hnsw".
         feature_batch_size: Examples per batch when train features are computed.
         gradient_batch_size: Candidates per batch when per-example gradients are computed.
+        score_method: "gradient" or "jvp", how candidates are scored; see :class:`InfluenceComputer`.
     """
 
     k: int | None = 1000
@@ -67,6 +68,7 @@ class FastIFConfig:
     index_type: Literal["flat", "ivf", "hnsw"] = "flat"
     feature_batch_size: int = 64
     gradient_batch_size: int = 16
+    score_method: Literal["gradient", "jvp"] = "gradient"
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k <= 0:
@@ -155,6 +157,7 @@ class FastIF:
             weight_decay_in_gradients=self.config.weight_decay_in_gradients,
             collate_fn=collate_fn,
             gradient_batch_size=self.config.gradient_batch_size,
+            score_method=self.config.score_method,
         )
         self.train_dataset = train_dataset
         self.collate_fn = self.computer.train.collate_fn

@@ -41,6 +41,10 @@ class InfluenceComputer:
         collate_fn: Collates training items; defaults to torch's ``default_collate``.
         gradient_batch_size: Training examples per batch when per-example gradients are computed.
         vectorize: "auto", "vmap" or "loop" for per-example gradients.
+        score_method: "gradient" scores with per-example gradients and a matrix product; "jvp" computes
+            each score as a forward-mode directional derivative along ``s_test`` (see
+            :meth:`FunctionalLoss.per_example_directional_derivatives`), which avoids the ``[B, P]``
+            gradients and costs one pass per query.
         solver_options: Options of the named solver, for example ``damping``, ``scale``, ``depth``,
             ``repeats``, ``batch_size`` and ``seed`` for LiSSA.
     """
@@ -58,8 +62,11 @@ class InfluenceComputer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         gradient_batch_size: int = 32,
         vectorize: Vectorize = "auto",
+        score_method: Literal["gradient", "jvp"] = "gradient",
         **solver_options: Any,
     ) -> None:
+        if score_method not in ("gradient", "jvp"):
+            raise ValueError(f"`score_method` must be 'gradient' or 'jvp', but got {score_method!r}.")
         if gradient_batch_size <= 0:
             raise ValueError(f"`gradient_batch_size` must be a positive integer, but got {gradient_batch_size}.")
         first = next(model.parameters(), None)
@@ -82,6 +89,7 @@ class InfluenceComputer:
             raise TypeError(f"Solver options {sorted(solver_options)} were given with a solver object; set them on it.")
         self.gradient_batch_size = gradient_batch_size
         self.vectorize = vectorize
+        self.score_method = score_method
 
     def query_gradients(self, query_batch: Any, *, mode: QueryMode = "mean") -> Tensor:
         """Return query gradients: ``[1, P]`` for the batch's mean loss, or ``[B, P]`` with ``mode="each"``."""
@@ -157,7 +165,11 @@ class InfluenceComputer:
         with influence_mode(self.model):
             for start in tqdm(starts, desc="Scoring candidates", disable=not progress, leave=False):
                 chunk = positions[start : start + self.gradient_batch_size]
-                grads = self.loss.per_example_gradients(self.train.batch(chunk), vectorize=self.vectorize)
+                batch = self.train.batch(chunk)
+                if self.score_method == "jvp":
+                    chunks.append(-self.loss.per_example_directional_derivatives(batch, ihvps).T.to(ihvps.dtype))
+                    continue
+                grads = self.loss.per_example_gradients(batch, vectorize=self.vectorize)
                 chunks.append(influence_scores(grads, ihvps))
         return torch.cat(chunks, dim=1)
 
@@ -189,7 +201,8 @@ def compute_influences(
         weight_decay: Coefficient of ``||theta||^2`` in the training objective; enters the Hessian.
         solver_options: Solver options (``damping``, ``scale``, ``depth``, ``repeats``, ``batch_size``,
             ``seed``, ``progress``, ...) and the :class:`InfluenceComputer` options ``parameters``,
-            ``weight_decay_in_gradients``, ``collate_fn``, ``gradient_batch_size``, ``vectorize``, plus
+            ``weight_decay_in_gradients``, ``collate_fn``, ``gradient_batch_size``, ``vectorize``,
+            ``score_method``, plus
             ``divide_by_train_size``.
 
     Returns:
@@ -209,7 +222,14 @@ def compute_influences(
         >>> scores.shape
         torch.Size([20])
     """
-    computer_keys = ("parameters", "weight_decay_in_gradients", "collate_fn", "gradient_batch_size", "vectorize")
+    computer_keys = (
+        "parameters",
+        "weight_decay_in_gradients",
+        "collate_fn",
+        "gradient_batch_size",
+        "vectorize",
+        "score_method",
+    )
     computer_options = {key: solver_options.pop(key) for key in computer_keys if key in solver_options}
     divide = bool(solver_options.pop("divide_by_train_size", False))
     computer = InfluenceComputer(

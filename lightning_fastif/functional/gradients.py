@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_fastif.functional.batches import LossFn, batch_size_of, check_finite, checked_loss, slice_batch
 from lightning_fastif.functional.params import ParameterSelection
@@ -116,6 +116,39 @@ class FunctionalLoss:
         if self.weight_decay_in_gradients and self.weight_decay:
             grads = grads + 2 * self.weight_decay * self.selection.flatten(self.params())
         return grads
+
+    def per_example_directional_derivatives(self, batch: Any, vectors: Tensor) -> Tensor:
+        """Return ``vectors[q] . grad L_i`` for each example ``i`` and vector ``q``, shape ``[B, Q]``.
+
+        Forward-mode ``torch.func.jvp`` under ``vmap`` computes each product without building the ``[B, P]``
+        per-example gradients of :meth:`per_example_gradients`. It costs one forward pass per vector, so it
+        pays off for few vectors.
+        """
+        params = self.params()
+
+        def single_loss(p: tuple[Tensor, ...], example: Any) -> Tensor:
+            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+            return self.loss(p, one)
+
+        in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+        columns = []
+        for vector in vectors:
+            pieces = self.selection.unflatten(vector)
+            tangent = tuple(piece.to(param.dtype) for piece, param in zip(pieces, params, strict=True))
+
+            def derivative(example: Any, tangent: tuple[Tensor, ...] = tangent) -> Tensor:
+                return jvp(lambda weights: single_loss(weights, example), (params,), (tangent,))[1]
+
+            column = vmap(derivative, in_dims=(in_dims,), randomness="different")(batch)
+            if self.weight_decay_in_gradients and self.weight_decay:
+                column = column + 2 * self.weight_decay * (self.selection.flatten(params) @ vector.to(column.dtype))
+            columns.append(column)
+        products = torch.stack(columns, dim=1)
+        if not torch.isfinite(products).all():
+            raise ValueError(
+                "Per-example directional derivatives contain NaN or inf. Check the loss of the training examples."
+            )
+        return products
 
     def _per_example_vmap(self, batch: Any) -> Tensor:
         params = self.params()

@@ -251,3 +251,19 @@ def test_unknown_solver_option_rejected():
     model, train, query, loss_fn = mlp_setup()
     with pytest.raises(TypeError, match=r"Solver 'exact' takes no option\(s\) \['depth'\]"):
         compute_influences(model, loss_fn, train, query, solver="exact", depth=10)
+
+
+@pytest.mark.parametrize("wd_in_gradients", [False, True])
+def test_jvp_scores_equal_gradient_scores(wd_in_gradients):
+    problem = logistic_problem(n=40, d=6, weight_decay=0.01, seed=3)
+    query = (problem.x[:3], problem.y[:3])
+    options = dict(solver="exact", weight_decay=0.01, weight_decay_in_gradients=wd_in_gradients, gradient_batch_size=7)
+    by_gradient = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, **options)
+    by_jvp = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, score_method="jvp", **options)
+    torch.testing.assert_close(by_jvp, by_gradient, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_score_method_rejected():
+    problem = logistic_problem(n=10, d=3)
+    with pytest.raises(ValueError, match="`score_method` must be 'gradient' or 'jvp', but got 'hvp'"):
+        InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, score_method="hvp")
