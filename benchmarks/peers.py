@@ -229,6 +229,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lissa-batch-size", type=int, help="training examples per LiSSA step (default 16, 1)")
     parser.add_argument("--k", type=int, help="FastIF's kNN candidates per query (default 100, 50)")
     parser.add_argument("--knn-metric", choices=("l2", "cosine"), default="l2", help="FastIF's kNN distance")
+    parser.add_argument(
+        "--score-method",
+        choices=("gradient", "jvp"),
+        default="gradient",
+        help="how FastIF scores its candidates (lightning_fastif's FastIFConfig.score_method)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each method; the table gives the median")
     parser.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], help="default: all that the setting runs")
     parser.add_argument("--out-dir", type=Path, help="folder for all files (default runs/peers/<setting>)")
@@ -261,6 +267,7 @@ def main() -> None:
         "seed": args.seed,
         "k": args.k,
         "metric": args.knn_metric,
+        "score_method": args.score_method,
     }
     loo_change = None
     if args.setting == "logistic":

@@ -71,6 +71,8 @@ class FastIFConfig:
     score_method: Literal["gradient", "jvp"] = "gradient"
 
     def __post_init__(self) -> None:
+        if self.score_method not in ("gradient", "jvp"):
+            raise ValueError(f"`score_method` must be 'gradient' or 'jvp', but got {self.score_method!r}.")
         if self.k is not None and self.k <= 0:
             raise ValueError(f"`k` must be a positive integer or None (every training example), but got {self.k}.")
         if self.top_k <= 0:

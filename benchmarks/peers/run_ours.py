@@ -128,6 +128,7 @@ def run_method(method: str, setting: Setting, settings: dict, stopwatch: Stopwat
     config = FastIFConfig(
         k=settings["k"],
         metric=settings["metric"],
+        score_method=settings.get("score_method", "gradient"),
         top_k=10,
         gradient_batch_size=setting.gradient_batch_size,
         weight_decay=setting.weight_decay,

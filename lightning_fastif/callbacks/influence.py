@@ -60,6 +60,8 @@ class InfluenceCallback(pl.Callback):
         index_type: faiss index type, "flat", "ivf" or "hnsw".
         feature_batch_size: Batch size of the kNN feature pass over the training set.
         gradient_batch_size: Candidates per batch of per-example gradients.
+        score_method: "gradient" (per-example gradients and a matrix product) or "jvp" (a forward-mode
+            directional derivative along ``s_test`` per candidate); both give the same scores.
         train_dataset: Candidate training set; defaults to the datamodule's ``train_dataset`` or the
             training dataloader's dataset.
         output_dir: Folder of the JSON Lines files; defaults to ``<trainer.log_dir>/influence``.
@@ -89,6 +91,7 @@ class InfluenceCallback(pl.Callback):
         index_type: Literal["flat", "ivf", "hnsw"] = "flat",
         feature_batch_size: int = 64,
         gradient_batch_size: int = 16,
+        score_method: Literal["gradient", "jvp"] = "gradient",
         train_dataset: Dataset | None = None,
         output_dir: str | None = None,
         progress: bool = True,
@@ -119,6 +122,7 @@ class InfluenceCallback(pl.Callback):
             index_type=index_type,
             feature_batch_size=feature_batch_size,
             gradient_batch_size=gradient_batch_size,
+            score_method=score_method,
         )
         self.every_n_val_runs = every_n_val_runs
         self.query_dataloader_idx = query_dataloader_idx

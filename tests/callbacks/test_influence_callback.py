@@ -164,6 +164,21 @@ def test_csv_logger_gets_stage_times_and_warning(tmp_path):
     assert read_jsonl(callback.last_output)
 
 
+def test_jvp_scoring_matches_gradient_in_trainer(tmp_path):
+    def fit(score_method, folder):
+        pl.seed_everything(0)
+        callback = InfluenceCallback(**FAST, score_method=score_method)
+        trainer(tmp_path / folder, [callback], logger=False, max_epochs=1).fit(TinyClassifier(), TokenDataModule())
+        return callback.last_results
+
+    by_gradient = fit("gradient", "gradient")
+    by_jvp = fit("jvp", "jvp")
+    assert by_gradient
+    for expected, result in zip(by_gradient, by_jvp, strict=True):
+        assert torch.equal(result.candidate_indices, expected.candidate_indices)
+        torch.testing.assert_close(result.scores, expected.scores, rtol=1e-4, atol=1e-6)
+
+
 def test_explicit_query_indices(tmp_path):
     pl.seed_everything(0)
     callback = InfluenceCallback(**{**FAST, "query_indices": [4, 7]})
@@ -223,6 +238,7 @@ def test_k_above_training_set_rejected_in_trainer(tmp_path):
         ({"max_queries": -1}, r"`max_queries` must be a positive integer, but got -1"),
         ({"query_indices": []}, r"`query_indices` is an empty list"),
         ({"scale": 0.0}, r"`scale` must be a finite number > 0, but got 0.0"),
+        ({"score_method": "hvp"}, r"`score_method` must be 'gradient' or 'jvp', but got 'hvp'"),
     ],
 )
 def test_bad_options_rejected(options, pattern):
