@@ -125,19 +125,14 @@ class FunctionalLoss:
         pays off for few vectors.
         """
         params = self.params()
-
-        def single_loss(p: tuple[Tensor, ...], example: Any) -> Tensor:
-            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-            return self.loss(p, one)
-
-        in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+        in_dims = _example_dims(batch)
         columns = []
         for vector in vectors:
             pieces = self.selection.unflatten(vector)
             tangent = tuple(piece.to(param.dtype) for piece, param in zip(pieces, params, strict=True))
 
             def derivative(example: Any, tangent: tuple[Tensor, ...] = tangent) -> Tensor:
-                return jvp(lambda weights: single_loss(weights, example), (params,), (tangent,))[1]
+                return jvp(lambda weights: self._single_loss(weights, example), (params,), (tangent,))[1]
 
             column = vmap(derivative, in_dims=(in_dims,), randomness="different")(batch)
             if self.weight_decay_in_gradients and self.weight_decay:
@@ -150,15 +145,15 @@ class FunctionalLoss:
             )
         return products
 
+    def _single_loss(self, params: tuple[Tensor, ...], example: Any) -> Tensor:
+        """Return the loss of one example, given without its batch dimension as ``vmap`` passes it."""
+        one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+        return self.loss(params, one)
+
     def _per_example_vmap(self, batch: Any) -> Tensor:
-        params = self.params()
-
-        def single_loss(p: tuple[Tensor, ...], example: Any) -> Tensor:
-            one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-            return self.loss(p, one)
-
-        in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
-        grads = vmap(grad(single_loss), in_dims=(None, in_dims), randomness="different")(params, batch)
+        grads = vmap(grad(self._single_loss), in_dims=(None, _example_dims(batch)), randomness="different")(
+            self.params(), batch
+        )
         return self.selection.flatten_batched(grads)
 
     def _per_example_loop(self, batch: Any, size: int) -> Tensor:
@@ -218,3 +213,8 @@ def mean_over_batches(values: Iterable[tuple[Tensor, int]]) -> Tensor:
     if total is None:
         raise ValueError("No batches to average over: the training set is empty.")
     return total / count
+
+
+def _example_dims(batch: Any) -> Any:
+    """Return ``vmap``'s ``in_dims`` for a batch: dimension 0 of every tensor, None for other leaves."""
+    return torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
