@@ -23,7 +23,7 @@ from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batc
 from lightning_fastif.functional.params import ParameterSpec, influence_mode
 from lightning_fastif.functional.scores import TopInfluences, top_influences
 from lightning_fastif.functional.solvers import LiSSASolver
-from lightning_fastif.influence import InfluenceComputer
+from lightning_fastif.influence import InfluenceComputer, ScoreMethod, check_score_method
 from lightning_fastif.knn import KNNIndex, compute_features, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class FastIFConfig:
         index_type: faiss index, "flat" (exact), "ivf" or "hnsw".
         feature_batch_size: Examples per batch when train features are computed.
         gradient_batch_size: Candidates per batch when per-example gradients are computed.
-        score_method: "gradient" or "jvp", how candidates are scored; see :class:`InfluenceComputer`.
+        score_method: "auto", "gradient" or "jvp", how candidates are scored; see :class:`InfluenceComputer`.
     """
 
     k: int | None = 1000
@@ -68,11 +68,10 @@ class FastIFConfig:
     index_type: Literal["flat", "ivf", "hnsw"] = "flat"
     feature_batch_size: int = 64
     gradient_batch_size: int = 16
-    score_method: Literal["gradient", "jvp"] = "gradient"
+    score_method: ScoreMethod = "auto"
 
     def __post_init__(self) -> None:
-        if self.score_method not in ("gradient", "jvp"):
-            raise ValueError(f"`score_method` must be 'gradient' or 'jvp', but got {self.score_method!r}.")
+        check_score_method(self.score_method)
         if self.k is not None and self.k <= 0:
             raise ValueError(f"`k` must be a positive integer or None (every training example), but got {self.k}.")
         if self.top_k <= 0:

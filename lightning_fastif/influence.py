@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -20,6 +21,16 @@ from lightning_fastif.functional.scores import influence_scores
 from lightning_fastif.functional.solvers import IHVPSolver, LiSSASolver, make_solver
 
 QueryMode = Literal["mean", "each"]
+ScoreMethod = Literal["auto", "gradient", "jvp"]
+SCORE_METHODS = ("auto", "gradient", "jvp")
+
+logger = logging.getLogger(__name__)
+
+
+def check_score_method(score_method: str) -> None:
+    """Raise ``ValueError`` unless ``score_method`` is one of :data:`SCORE_METHODS`."""
+    if score_method not in SCORE_METHODS:
+        raise ValueError(f"`score_method` must be 'auto', 'gradient' or 'jvp', but got {score_method!r}.")
 
 
 class InfluenceComputer:
@@ -44,7 +55,10 @@ class InfluenceComputer:
         score_method: "gradient" scores with per-example gradients and a matrix product; "jvp" computes
             each score as a forward-mode directional derivative along ``s_test`` (see
             :meth:`FunctionalLoss.per_example_directional_derivatives`), which avoids the ``[B, P]``
-            gradients and costs one pass per query.
+            gradients and costs one forward pass per ``s_test``. "auto" uses "jvp" for a single
+            ``s_test`` (FastIF's case: one query or one anchor batch) and "gradient" for several. When
+            the model has an operation without forward-mode support, "auto" logs a warning and falls
+            back to "gradient".
         solver_options: Options of the named solver, for example ``damping``, ``scale``, ``depth``,
             ``repeats``, ``batch_size`` and ``seed`` for LiSSA.
     """
@@ -62,11 +76,10 @@ class InfluenceComputer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         gradient_batch_size: int = 32,
         vectorize: Vectorize = "auto",
-        score_method: Literal["gradient", "jvp"] = "gradient",
+        score_method: ScoreMethod = "auto",
         **solver_options: Any,
     ) -> None:
-        if score_method not in ("gradient", "jvp"):
-            raise ValueError(f"`score_method` must be 'gradient' or 'jvp', but got {score_method!r}.")
+        check_score_method(score_method)
         if gradient_batch_size <= 0:
             raise ValueError(f"`gradient_batch_size` must be a positive integer, but got {gradient_batch_size}.")
         first = next(model.parameters(), None)
@@ -90,6 +103,7 @@ class InfluenceComputer:
         self.gradient_batch_size = gradient_batch_size
         self.vectorize = vectorize
         self.score_method = score_method
+        self._jvp_unsupported = False
 
     def query_gradients(self, query_batch: Any, *, mode: QueryMode = "mean") -> Tensor:
         """Return query gradients: ``[1, P]`` for the batch's mean loss, or ``[B, P]`` with ``mode="each"``."""
@@ -166,12 +180,28 @@ class InfluenceComputer:
             for start in tqdm(starts, desc="Scoring candidates", disable=not progress, leave=False):
                 chunk = positions[start : start + self.gradient_batch_size]
                 batch = self.train.batch(chunk)
-                if self.score_method == "jvp":
-                    chunks.append(-self.loss.per_example_directional_derivatives(batch, ihvps).T.to(ihvps.dtype))
-                    continue
-                grads = self.loss.per_example_gradients(batch, vectorize=self.vectorize)
-                chunks.append(influence_scores(grads, ihvps))
+                chunks.append(self._score_batch(batch, ihvps))
         return torch.cat(chunks, dim=1)
+
+    def _score_batch(self, batch: Any, ihvps: Tensor) -> Tensor:
+        if self._resolve_score_method(len(ihvps)) == "jvp":
+            try:
+                return -self.loss.per_example_directional_derivatives(batch, ihvps).T.to(ihvps.dtype)
+            except (RuntimeError, NotImplementedError) as error:
+                if self.score_method == "jvp":
+                    raise RuntimeError(
+                        f"Forward-mode scoring (score_method='jvp') failed: {error}. "
+                        "Use score_method='gradient' for models with operations that lack forward-mode AD."
+                    ) from error
+                logger.warning("Forward-mode scoring failed (%s); scoring with per-example gradients instead.", error)
+                self._jvp_unsupported = True
+        grads = self.loss.per_example_gradients(batch, vectorize=self.vectorize)
+        return influence_scores(grads, ihvps)
+
+    def _resolve_score_method(self, num_vectors: int) -> str:
+        if self.score_method != "auto":
+            return self.score_method
+        return "jvp" if num_vectors == 1 and not self._jvp_unsupported else "gradient"
 
     def compute(self, query_batch: Any, indices: Sequence[int] | None = None, *, mode: QueryMode = "mean") -> Tensor:
         """Return scores ``[Q, N]`` of the candidates (default: every training example) on the queries."""

@@ -175,7 +175,7 @@ def test_jvp_scoring_matches_gradient_on_tiny_bert():
     model = tiny_bert().double()
     train = token_items(24)
     query = default_collate(token_items(2, seed=1))
-    by_gradient = make_fastif(model, train, k=10).explain(query, mode="each")
+    by_gradient = make_fastif(model, train, k=10, score_method="gradient").explain(query, mode="each")
     by_jvp = make_fastif(model, train, k=10, score_method="jvp").explain(query, mode="each")
     for expected, result in zip(by_gradient, by_jvp, strict=True):
         assert torch.equal(result.candidate_indices, expected.candidate_indices)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from lightning_fastif.distributed import all_gather_objects
 from lightning_fastif.fastif import FastIF, FastIFConfig, QueryInfluence
+from lightning_fastif.influence import ScoreMethod
 from lightning_fastif.functional.batches import move_batch
 from lightning_fastif.mixin import FastIFMixin
 from lightning_fastif.results import influence_rows, log_wandb, stage_timings, write_jsonl
@@ -60,8 +61,9 @@ class InfluenceCallback(pl.Callback):
         index_type: faiss index type, "flat", "ivf" or "hnsw".
         feature_batch_size: Batch size of the kNN feature pass over the training set.
         gradient_batch_size: Candidates per batch of per-example gradients.
-        score_method: "gradient" (per-example gradients and a matrix product) or "jvp" (a forward-mode
-            directional derivative along ``s_test`` per candidate); both give the same scores.
+        score_method: "gradient" (per-example gradients and a matrix product), "jvp" (a forward-mode
+            directional derivative along ``s_test`` per candidate) or "auto" ("jvp" for one ``s_test``,
+            with a fallback to "gradient"); all give the same scores.
         train_dataset: Candidate training set; defaults to the datamodule's ``train_dataset`` or the
             training dataloader's dataset.
         output_dir: Folder of the JSON Lines files; defaults to ``<trainer.log_dir>/influence``.
@@ -91,7 +93,7 @@ class InfluenceCallback(pl.Callback):
         index_type: Literal["flat", "ivf", "hnsw"] = "flat",
         feature_batch_size: int = 64,
         gradient_batch_size: int = 16,
-        score_method: Literal["gradient", "jvp"] = "gradient",
+        score_method: ScoreMethod = "auto",
         train_dataset: Dataset | None = None,
         output_dir: str | None = None,
         progress: bool = True,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lightning_fastif.distributed import broadcast_module
 from lightning_fastif.fastif import FastIF, FastIFConfig
+from lightning_fastif.influence import ScoreMethod
 from lightning_fastif.functional.batches import move_batch
 from lightning_fastif.functional.params import influence_mode
 from lightning_fastif.mixin import FastIFMixin
@@ -209,6 +210,7 @@ class DataRepairCallback(pl.Callback):
         metric: kNN distance, "l2" or "cosine".
         feature_batch_size: Batch size of the kNN feature pass over the pool.
         gradient_batch_size: Candidates per batch of per-example gradients.
+        score_method: How candidates are scored, "auto", "gradient" or "jvp"; see :class:`InfluenceCallback`.
         eval_batch_size: Batch size of the accuracy passes.
         output_dir: Folder of ``repair.jsonl``, ``repair_summary.json`` and the checkpoints; defaults to
             ``<trainer.log_dir>/repair``.
@@ -257,6 +259,7 @@ class DataRepairCallback(pl.Callback):
         metric: Literal["l2", "cosine"] = "l2",
         feature_batch_size: int = 64,
         gradient_batch_size: int = 16,
+        score_method: ScoreMethod = "auto",
         eval_batch_size: int = 64,
         output_dir: str | None = None,
         save_checkpoint: bool = True,
@@ -290,6 +293,7 @@ class DataRepairCallback(pl.Callback):
             metric=metric,
             feature_batch_size=feature_batch_size,
             gradient_batch_size=gradient_batch_size,
+            score_method=score_method,
         )
         self.target_dataset = target_dataset
         self.target_dataloader_idx = target_dataloader_idx

@@ -238,7 +238,7 @@ def test_k_above_training_set_rejected_in_trainer(tmp_path):
         ({"max_queries": -1}, r"`max_queries` must be a positive integer, but got -1"),
         ({"query_indices": []}, r"`query_indices` is an empty list"),
         ({"scale": 0.0}, r"`scale` must be a finite number > 0, but got 0.0"),
-        ({"score_method": "hvp"}, r"`score_method` must be 'gradient' or 'jvp', but got 'hvp'"),
+        ({"score_method": "hvp"}, r"`score_method` must be 'auto', 'gradient' or 'jvp', but got 'hvp'"),
     ],
 )
 def test_bad_options_rejected(options, pattern):

@@ -258,12 +258,103 @@ def test_jvp_scores_equal_gradient_scores(wd_in_gradients):
     problem = logistic_problem(n=40, d=6, weight_decay=0.01, seed=3)
     query = (problem.x[:3], problem.y[:3])
     options = dict(solver="exact", weight_decay=0.01, weight_decay_in_gradients=wd_in_gradients, gradient_batch_size=7)
-    by_gradient = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, **options)
+    by_gradient = compute_influences(
+        problem.model, problem.loss_fn, problem.dataset, query, score_method="gradient", **options
+    )
     by_jvp = compute_influences(problem.model, problem.loss_fn, problem.dataset, query, score_method="jvp", **options)
     torch.testing.assert_close(by_jvp, by_gradient, rtol=1e-10, atol=1e-12)
 
 
 def test_unknown_score_method_rejected():
     problem = logistic_problem(n=10, d=3)
-    with pytest.raises(ValueError, match="`score_method` must be 'gradient' or 'jvp', but got 'hvp'"):
+    with pytest.raises(ValueError, match="`score_method` must be 'auto', 'gradient' or 'jvp', but got 'hvp'"):
         InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, score_method="hvp")
+
+
+class _CountingLoss:
+    """Wraps a ``FunctionalLoss`` and counts the calls of its two scoring paths."""
+
+    def __init__(self, loss):
+        self.loss = loss
+        self.calls = {"jvp": 0, "gradient": 0}
+
+    def per_example_directional_derivatives(self, batch, vectors):
+        self.calls["jvp"] += 1
+        return self.loss.per_example_directional_derivatives(batch, vectors)
+
+    def per_example_gradients(self, batch, **options):
+        self.calls["gradient"] += 1
+        return self.loss.per_example_gradients(batch, **options)
+
+
+@pytest.mark.parametrize(("num_queries", "expected"), [(1, "jvp"), (3, "gradient")])
+def test_auto_score_method_choice(num_queries, expected):
+    problem = logistic_problem(n=30, d=5, seed=4)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver="exact", damping=0.01)
+    assert computer.score_method == "auto"
+    query = (problem.x[:num_queries], problem.y[:num_queries])
+    ihvps = computer.ihvp(computer.query_gradients(query, mode="each"))
+    counting = _CountingLoss(computer.loss)
+    computer.loss = counting
+    scores = computer.scores(ihvps)
+    other = "gradient" if expected == "jvp" else "jvp"
+    assert counting.calls[expected] > 0
+    assert counting.calls[other] == 0
+    computer.score_method = "gradient"
+    torch.testing.assert_close(scores, computer.scores(ihvps), rtol=1e-10, atol=1e-12)
+
+
+class _TanhWithoutForwardAD(torch.autograd.Function):
+    """tanh with a backward formula but no ``jvp``, like a custom operation that lacks forward-mode AD."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (output,) = ctx.saved_tensors
+        return grad_output * (1 - output**2)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _TanhWithoutForwardAD.apply(x), in_dims[0]
+
+
+class _CustomTanhModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 3).double()
+        self.out = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return self.out(_TanhWithoutForwardAD.apply(self.hidden(x))).squeeze(-1)
+
+
+def _custom_tanh_problem():
+    torch.manual_seed(0)
+    model = _CustomTanhModel()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randn(12, dtype=torch.float64)
+    return model, TensorDataset(x, y), (x[:1], y[:1]), lambda m, batch: ((m(batch[0]) - batch[1]) ** 2).mean()
+
+
+def test_auto_score_method_falls_back_without_forward_ad(caplog):
+    model, train, query, loss_fn = _custom_tanh_problem()
+    options = dict(solver="exact", damping=0.1, gradient_batch_size=5)
+    with caplog.at_level("WARNING", logger="lightning_fastif.influence"):
+        by_auto = compute_influences(model, loss_fn, train, query, **options)
+    by_gradient = compute_influences(model, loss_fn, train, query, score_method="gradient", **options)
+    torch.testing.assert_close(by_auto, by_gradient, rtol=1e-10, atol=1e-12)
+    warnings = [r for r in caplog.records if "Forward-mode scoring failed" in r.getMessage()]
+    assert len(warnings) == 1  # the later batches go straight to per-example gradients
+
+
+def test_jvp_score_method_without_forward_ad_names_the_fix():
+    model, train, query, loss_fn = _custom_tanh_problem()
+    with pytest.raises(RuntimeError, match=r"score_method='jvp'\) failed: .*Use score_method='gradient'"):
+        compute_influences(model, loss_fn, train, query, solver="exact", damping=0.1, score_method="jvp")
