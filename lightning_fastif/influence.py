@@ -24,7 +24,7 @@ QueryMode = Literal["mean", "each"]
 ScoreMethod = Literal["auto", "gradient", "jvp"]
 SCORE_METHODS = ("auto", "gradient", "jvp")
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def check_score_method(score_method: str) -> None:
@@ -193,7 +193,7 @@ class InfluenceComputer:
                         f"Forward-mode scoring (score_method='jvp') failed: {error}. "
                         "Use score_method='gradient' for models with operations that lack forward-mode AD."
                     ) from error
-                logger.warning("Forward-mode scoring failed (%s); scoring with per-example gradients instead.", error)
+                log.warning("Forward-mode scoring failed (%s); scoring with per-example gradients instead.", error)
                 self._jvp_unsupported = True
         grads = self.loss.per_example_gradients(batch, vectorize=self.vectorize)
         return influence_scores(grads, ihvps)

@@ -354,7 +354,7 @@ def test_auto_score_method_falls_back_without_forward_ad(caplog):
     assert len(warnings) == 1  # the later batches go straight to per-example gradients
 
 
-def test_jvp_score_method_without_forward_ad_names_the_fix():
+def test_jvp_without_forward_ad_rejected():
     model, train, query, loss_fn = _custom_tanh_problem()
     with pytest.raises(RuntimeError, match=r"score_method='jvp'\) failed: .*Use score_method='gradient'"):
         compute_influences(model, loss_fn, train, query, solver="exact", damping=0.1, score_method="jvp")
