@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -92,3 +92,8 @@ class FastIFMixin:
         config = getattr(self.influence_backbone(), "config", None)
         names = getattr(config, "id2label", None) or {}
         return str(names.get(int(label_id), label_id))
+
+
+def mixin_influence_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Return ``model.influence_loss(batch)``, the ``loss_fn`` that the callbacks give FastIF for a mixin module."""
+    return cast(FastIFMixin, model).influence_loss(batch)

@@ -18,9 +18,9 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from lightning_fastif.distributed import all_gather_objects
 from lightning_fastif.fastif import FastIF, FastIFConfig, QueryInfluence
-from lightning_fastif.influence import ScoreMethod
 from lightning_fastif.functional.batches import move_batch
-from lightning_fastif.mixin import FastIFMixin
+from lightning_fastif.influence import ScoreMethod
+from lightning_fastif.mixin import FastIFMixin, mixin_influence_loss
 from lightning_fastif.results import influence_rows, log_wandb, stage_timings, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class InfluenceCallback(pl.Callback):
             train_dataset, collate = self._train_dataset(trainer)
             self._fastif = FastIF(
                 module,  # type: ignore[arg-type]
-                lambda model, batch: model.influence_loss(batch),
+                mixin_influence_loss,
                 module.influence_features,
                 train_dataset,
                 collate_fn=collate,

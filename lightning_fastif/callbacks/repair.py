@@ -13,11 +13,11 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from lightning_fastif.distributed import broadcast_module
 from lightning_fastif.fastif import FastIF, FastIFConfig
-from lightning_fastif.influence import ScoreMethod
 from lightning_fastif.functional.batches import move_batch
 from lightning_fastif.functional.params import influence_mode
-from lightning_fastif.mixin import FastIFMixin
+from lightning_fastif.influence import ScoreMethod
+from lightning_fastif.mixin import FastIFMixin, mixin_influence_loss
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +477,7 @@ class DataRepairCallback(pl.Callback):
         if strategy == "anchors":
             return {"example_indices": [], "example_scores": []}
         if strategy == "random":
-            picked = torch.randperm(len(data.pool), generator=generator)[: self.num_examples]
+            picked = torch.randperm(_length(data.pool), generator=generator)[: self.num_examples]
             return {"example_indices": picked.tolist(), "example_scores": []}
         if fastif is None:
             raise RuntimeError(f"Strategy {strategy!r} needs FastIF, which was not built.")
@@ -526,7 +526,7 @@ class DataRepairCallback(pl.Callback):
     # Measuring and reporting.
 
     def _split_target(self, module: FastIFMixin, data: _Data, device: torch.device) -> _Split:
-        num_target = len(data.target)
+        num_target = _length(data.target)
         if num_target == 0:
             raise ValueError("The target dataset is empty. Pass a `target_dataset` with the examples to repair.")
         correct = _correct(module, data.target, range(num_target), data.collate, self.eval_batch_size, device)
@@ -566,7 +566,9 @@ class DataRepairCallback(pl.Callback):
             "source_acc": None,
         }
         if data.source is not None:
-            source = _correct(module, data.source, range(len(data.source)), data.collate, self.eval_batch_size, device)
+            source = _correct(
+                module, data.source, range(_length(data.source)), data.collate, self.eval_batch_size, device
+            )
             metrics["source_acc"] = float(source.float().mean())
         return metrics
 
@@ -635,7 +637,7 @@ class DataRepairCallback(pl.Callback):
         for name, dataset in (("target_dataset", target), ("pool_dataset", pool), ("source_dataset", source)):
             if dataset is not None:
                 _check_map_style(name, dataset)
-        if source is not None and len(source) == 0:
+        if source is not None and _length(source) == 0:
             raise ValueError("The source dataset is empty. Pass a non-empty `source_dataset`, or None.")
         collate = self.collate_fn or pool_collate or default_collate
         return _Data(target=target, pool=pool, source=source, collate=collate)
@@ -657,15 +659,15 @@ class DataRepairCallback(pl.Callback):
 
     def _build_fastif(self, module: FastIFMixin, data: _Data) -> FastIF:
         config = self.config
-        if config.k is not None and config.k > len(data.pool):
+        if config.k is not None and config.k > _length(data.pool):
             rank_zero_warn(
-                f"DataRepairCallback: k={config.k} is larger than the pool of {len(data.pool)} examples, "
+                f"DataRepairCallback: k={config.k} is larger than the pool of {_length(data.pool)} examples, "
                 "so every pool example is a kNN candidate."
             )
-            config = replace(config, k=len(data.pool))
+            config = replace(config, k=_length(data.pool))
         return FastIF(
             module,  # type: ignore[arg-type]
-            lambda model, batch: model.influence_loss(batch),
+            mixin_influence_loss,
             module.influence_features,
             data.pool,
             collate_fn=data.collate,
@@ -751,6 +753,11 @@ def _require_mixin(pl_module: pl.LightningModule) -> FastIFMixin:
     return pl_module
 
 
+def _length(dataset: Dataset) -> int:
+    """Return the length of a dataset that passed :func:`_check_map_style`."""
+    return len(cast(Sized, dataset))
+
+
 def _check_map_style(name: str, dataset: Any) -> None:
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(
@@ -761,7 +768,7 @@ def _check_map_style(name: str, dataset: Any) -> None:
 
 def _check_pool_labels(pool: Dataset, num_labels: int | None) -> None:
     """Raise ``ValueError`` if a ``labels`` value of a pool item is outside ``[0, num_labels)``."""
-    if len(pool) == 0:  # type: ignore[arg-type]
+    if _length(pool) == 0:
         raise ValueError("The pool dataset is empty. Pass a `pool_dataset` with candidate update examples.")
     if num_labels is None:
         rank_zero_warn(
