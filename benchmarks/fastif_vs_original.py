@@ -66,7 +66,7 @@ from torch import Tensor  # noqa: E402
 from lightning_fastif.fastif import FastIF, FastIFConfig  # noqa: E402
 from lightning_fastif.functional.params import influence_mode  # noqa: E402
 from lightning_fastif.functional.solvers import LiSSASolver  # noqa: E402
-from lightning_fastif.influence import InfluenceComputer  # noqa: E402
+from lightning_fastif.influence import SCORE_METHODS, InfluenceComputer  # noqa: E402
 from lightning_fastif.nli import (  # noqa: E402
     HANS_LABELS,
     NLIClassifier,
@@ -164,6 +164,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=Path,
         default=DEFAULT_DOCS,
         help="Markdown file whose benchmark section is replaced. Default: docs/benchmarks.md.",
+    )
+    parser.add_argument(
+        "--score-method",
+        choices=SCORE_METHODS,
+        default="auto",
+        help="How FastIF scores its candidates; 'auto' uses forward-mode JVP for one query. The original always "
+        "scores all training examples with per-example gradients, once for all queries. Default: auto.",
     )
     parser.add_argument("--no-docs", action="store_true", help="Print the tables without writing --docs.")
     args = parser.parse_args(argv)
@@ -444,6 +451,7 @@ def build_benchmark(module: NLIClassifier, train: NLIDataset, hans: NLIDataset, 
         batch_size=FASTIF_BATCH_SIZE,
         seed=args.seed,
         gradient_batch_size=args.gradient_batch_size,
+        score_method=args.score_method,
     )
     fastif = FastIF(
         module, loss_fn, module.influence_features, train, collate_fn=collate_nli, parameters=parameters, config=config
@@ -782,13 +790,13 @@ def format_section(report: Report, args: argparse.Namespace, tables: tuple[str, 
 
 The original influence functions (every training example a candidate, LiSSA on batches of
 {ORIGINAL_BATCH_SIZE} training examples) against FastIF (the k = {args.k} nearest neighbors of the query in
-a flat L2 faiss index of classifier-input features, LiSSA on single training examples), on
-{report.model}. Both use LiSSA damping {args.damping:g} and scale {args.scale:g}, differentiate the last 2
-encoder layers, the pooler and the classifier (P = {report.num_params:,} parameters), and score
-{report.num_train:,} MNLI training examples (`read_nli_jsonl("{TRAIN_PATH}", limit={args.train_size},
-seed={DATA_SEED})`, {MAX_LENGTH} tokens at most). The queries are {report.queries} HANS examples (from
-`balanced_hans_sample(..., {HANS_SIZE}, seed={DATA_SEED})`) that the model gets wrong, taking the three
-heuristics in turn.
+a flat L2 faiss index of classifier-input features, LiSSA on single training examples, candidates scored
+with `score_method={args.score_method!r}`), on {report.model}. Both use LiSSA damping {args.damping:g}
+and scale {args.scale:g}, differentiate the last 2 encoder layers, the pooler and the classifier
+(P = {report.num_params:,} parameters), and score {report.num_train:,} MNLI training examples
+(`read_nli_jsonl("{TRAIN_PATH}", limit={args.train_size}, seed={DATA_SEED})`, {MAX_LENGTH} tokens at most).
+The queries are {report.queries} HANS examples (from `balanced_hans_sample(..., {HANS_SIZE}, seed={DATA_SEED})`)
+that the model gets wrong, taking the three heuristics in turn.
 
 - Command: `{command}`
 - Machine: {machine_description()}
