@@ -1,13 +1,12 @@
 """The LightningCLI entry point builds model, data, logger and callbacks from YAML and runs them."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers.cli import run_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,18 +69,7 @@ def test_cli_fit_runs_influence_from_yaml(tmp_path):
     checkpoint, influence = quick["trainer"]["callbacks"]
     checkpoint["init_args"]["dirpath"] = str(run_dir / "checkpoints")
     influence["init_args"].update(k=20, top_k=2, depth=5, max_queries=2, progress=False)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(quick))
-
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_fastif", "fit", "--config", str(config)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fit(quick, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "influence" / "step_2.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 2  # 2 queries, 2 helpful and 2 harmful each

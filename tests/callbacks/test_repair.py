@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_fastif.callbacks import DataRepairCallback
 from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
 from lightning_fastif.mixin import FastIFMixin
+from tests.helpers.cli import run_fit
 
 REPAIR_YAML = Path(__file__).resolve().parents[2] / "examples" / "mnli_hans" / "repair.yaml"
 
@@ -551,18 +549,7 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         output_dir=str(repair_dir),
         progress=False,
     )
-    config_path = tmp_path / "repair.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_fastif", "fit", "--config", str(config_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fit(config, tmp_path)
 
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_jsonl(repair_dir / JSONL_NAME)
