@@ -13,8 +13,10 @@ same saved problem and writes its ``[Q, N]`` scores, seconds and peak RSS back t
 * ``dattri``, ``pydvl``, ``kronfluence``, ``captum``: the peers, each with the python of its own virtual
   environment under ``benchmarks/.venvs/<peer>`` (``bash benchmarks/peers/setup.sh`` creates them).
 
-``--setting minilm`` runs only this package's methods on all-MiniLM-L6-v2 and bundled MNLI pairs, at a
-reduced scale and without LOO ground truth, with ``original-lissa`` as the reference.
+``--setting minilm`` runs every method but ``original-exact`` on all-MiniLM-L6-v2 and bundled MNLI pairs,
+at a reduced scale and without LOO ground truth, with ``original-lissa`` as the reference. This package's
+runners build the model and data themselves. For the peers, the driver saves the tokenised pairs and the
+differentiated parameters to ``problem.pt`` (``problem.MiniLMProblem``).
 
 All processes use one torch thread (``BENCH_THREADS``), so ``fastif-2`` uses two cores and the rest one.
 Each method's scores are compared per query with the original influence functions and with the LOO change
@@ -51,7 +53,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HELPERS = REPO_ROOT / "benchmarks" / "peers"
 VENVS = REPO_ROOT / "benchmarks" / ".venvs"
 sys.path.insert(0, str(HELPERS))
-from problem import load_problem, make_problem, save_problem  # noqa: E402
+from problem import (  # noqa: E402
+    MINILM_INPUT_KEYS,
+    MiniLMProblem,
+    load_problem,
+    make_problem,
+    minilm_logits,
+    save_minilm_problem,
+    save_problem,
+)
 
 OURS = ("original-exact", "original-lissa", "fastif-1", "fastif-2")
 PEERS = ("dattri", "pydvl", "kronfluence", "captum")
@@ -209,13 +219,35 @@ DEFAULTS = {
 }
 
 
+def build_minilm_problem(settings: dict) -> MiniLMProblem:
+    """Build the MiniLM problem that ``run_ours.py`` builds, for the peers' runners, which lack this package."""
+    from run_ours import minilm_setting
+    from torch.utils.data import default_collate
+
+    from lightning_fastif.functional.params import select_parameters
+
+    setting = minilm_setting(settings)
+    keys = (*MINILM_INPUT_KEYS, "labels")
+    train = default_collate(list(setting.train))
+    named = dict(setting.model.named_parameters())
+    names = select_parameters(setting.model, setting.parameters).names
+    with torch.no_grad():
+        query_logits = minilm_logits(setting.model, setting.queries)
+    return MiniLMProblem(
+        train={key: train[key] for key in keys},
+        queries={key: setting.queries[key] for key in keys},
+        parameters={name: named[name].detach().clone() for name in names},
+        query_logits=query_logits,
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--setting",
         choices=sorted(DEFAULTS),
         default="logistic",
-        help="logistic: all methods with LOO ground truth; minilm: MiniLM on MNLI, this package's methods only",
+        help="logistic: all methods with LOO ground truth; minilm: MiniLM on MNLI, all but original-exact",
     )
     parser.add_argument("--num-train", type=int, help="training examples (default 500 logistic, 200 minilm)")
     parser.add_argument("--queries", type=int, help="query examples, each scored on its own (default 10, 2)")
@@ -243,9 +275,11 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.methods is None:
-        args.methods = [*OURS, *PEERS] if args.setting == "logistic" else ["original-lissa", "fastif-1", "fastif-2"]
-    if args.setting == "minilm" and set(args.methods) - {"original-lissa", "fastif-1", "fastif-2"}:
-        parser.error("--setting minilm runs only original-lissa, fastif-1 and fastif-2.")
+        args.methods = [*OURS, *PEERS] if args.setting == "logistic" else [*OURS[1:], *PEERS]
+    if args.setting == "minilm" and "original-exact" in args.methods:
+        parser.error(
+            "--setting minilm cannot run original-exact, because the explicit Hessian of 3.7M parameters is too large."
+        )
     if args.out_dir is None:
         args.out_dir = REPO_ROOT / "runs" / "peers" / args.setting
     return args
@@ -287,9 +321,13 @@ def main() -> None:
         problem_line = (
             f"- Problem: all-MiniLM-L6-v2 with a fresh 3-way head (seeded), FastIF's parameters (last 2 encoder "
             f"layers, pooler, classifier); N={args.num_train} bundled MNLI training pairs, {args.queries} "
-            f"MNLI dev-matched queries, {args.max_length} tokens per pair; seed {args.seed}."
+            f"MNLI dev-matched queries, {args.max_length} tokens per pair; seed {args.seed}. The peers differentiate "
+            "the same parameters, except kronfluence (only their nn.Linear modules) and Captum's TracInCPFast "
+            "(only the classifier)."
         )
         settings.update(damping=5e-3, num_train=args.num_train, queries=args.queries, max_length=args.max_length)
+        if set(methods) & set(PEERS):
+            save_minilm_problem(build_minilm_problem(settings), problem_path)
     runs = {method: Run(method) for method in methods}
     loads = [os.getloadavg()[0]]
     for round_index in range(args.rounds):

