@@ -118,7 +118,13 @@ def add_repair_arguments(parser: argparse.ArgumentParser, *, defaults: Mapping[s
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--num-steps", type=int, default=defaults["num_steps"], help="Repair steps per run.")
     parser.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the repair steps.")
-    parser.add_argument("--anchor-batch-size", type=int, default=10, help="Target errors per anchor batch.")
+    parser.add_argument("--anchor-batch-size", type=int, default=10, help="Target examples per anchor batch.")
+    parser.add_argument(
+        "--anchors-from",
+        choices=("errors", "all"),
+        default="errors",
+        help="Draw anchor batches from the anchor split's errors, or from all of it (errors and correct examples).",
+    )
     parser.add_argument("--num-examples", type=int, default=10, help="Update examples per step.")
     parser.add_argument("--holdout-fraction", type=float, default=0.5, help="Share of the target set held out.")
     parser.add_argument("--pool-size", type=int, default=defaults["pool_size"], help="Pool examples (sampled).")
@@ -170,6 +176,7 @@ def repair_callback(args: argparse.Namespace, setting: Setting, seed: int, outpu
         strategies=list(args.strategies),
         num_steps=args.num_steps,
         anchor_batch_size=args.anchor_batch_size,
+        anchors_from=args.anchors_from,
         num_examples=args.num_examples,
         lr=args.lr,
         holdout_fraction=args.holdout_fraction,
@@ -247,7 +254,9 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
         f"Accuracy in % (mean ± sample standard deviation over seeds {args.seeds}). `target` is the held-out "
         "target errors (0 before by construction), `held-out` the whole held-out target split, `source` the "
         f"source set. {args.num_steps} SGD steps of lr {args.lr:g}, {args.num_examples} examples a step, "
-        f"anchor batches of {args.anchor_batch_size}, k={args.k}, LiSSA depth {args.depth}.",
+        f"anchor batches of {args.anchor_batch_size} drawn from the anchor split's "
+        f"{'errors' if args.anchors_from == 'errors' else 'examples (errors and correct)'}, k={args.k}, "
+        f"LiSSA depth {args.depth}.",
         "",
     ]
     for setting in settings:
@@ -272,6 +281,7 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
             lines.append(f"| {strategy} | " + " | ".join(_cell(cell) for cell in cells) + " |")
         lines.append("")
     lines += gain_table(settings, args)
+    lines += step_table(settings, args)
     return "\n".join(lines)
 
 
@@ -326,6 +336,43 @@ def gain_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) 
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def step_changes(setting: Mapping[str, Any], strategy: str, metric: str) -> list[list[float]]:
+    """Return, per seed, the change of ``metric`` from the start weights after each step."""
+    curves = []
+    for seed in setting["per_seed"].values():
+        steps = seed["runs"][strategy][metric].get("steps") or []
+        if steps and all(value is not None for value in steps):
+            curves.append([value - steps[0] for value in steps[1:]])
+    return curves
+
+
+def step_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Lay out the mean change of held-out accuracy after each step, per group of settings and strategy.
+
+    The table shows whether a strategy's gain peaked at an earlier step and was lost by later ones.
+    """
+    groups = gain_groups(settings)
+    if not groups:
+        groups = {setting["name"]: [setting] for setting in settings}
+    steps = range(1, args.num_steps + 1)
+    lines = [
+        "### Change in held-out target accuracy after each step, in points (mean over settings and seeds)",
+        "",
+        "| group | strategy | " + " | ".join(f"step {step}" for step in steps) + " |",
+        "|---|---|" + "---:|" * len(steps),
+    ]
+    for name, group in groups.items():
+        for strategy in args.strategies:
+            curves = [curve for setting in group for curve in step_changes(setting, strategy, "holdout_acc")]
+            cells = []
+            for index in range(len(steps)):
+                values = [curve[index] for curve in curves if len(curve) > index]
+                cells.append(f"{100 * statistics.fmean(values):+.1f}" if values else "-")
+            lines.append(f"| {name} | {strategy} | " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 

@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 Strategy = Literal["helpful", "harmful", "random", "anchors"]
 Policy = Literal["keep", "restore_on_source_drop", "restore"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
+AnchorsFrom = Literal["errors", "all"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 POLICIES: tuple[str, ...] = get_args(Policy)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+ANCHORS_FROM: tuple[str, ...] = get_args(AnchorsFrom)
 INFLUENCE_STRATEGIES = frozenset({"helpful", "harmful"})
 JSONL_NAME = "repair.jsonl"
 SUMMARY_NAME = "repair_summary.json"
@@ -82,7 +84,8 @@ class RepairResult:
         decision: Why the weights were kept or restored.
         num_target: Examples in the target set.
         num_target_errors: Target examples the start weights get wrong.
-        anchor_candidates: Target positions of the errors that anchor batches are drawn from.
+        anchor_candidates: Target positions that anchor batches are drawn from: the anchor split's errors,
+            or the whole anchor split with ``anchors_from="all"``.
         holdout_indices: Target positions of the held-out split (errors and correct examples).
         holdout_errors: Target positions of the held-out errors, on which ``target_acc`` is measured.
         jsonl_path: The JSON Lines file the step records were appended to.
@@ -99,12 +102,13 @@ class RepairResult:
     jsonl_path: Path
 
     def summary(self) -> dict[str, Any]:
-        """Return a JSON-ready summary: sizes, the decision and before/after metrics of each strategy."""
+        """Return a JSON-ready summary: sizes, the decision and each strategy's metrics before, after and per step."""
         runs: dict[str, dict[str, Any]] = {}
         for name, run in self.runs.items():
             first, last = run.history[0], run.history[-1]
             runs[name] = {
-                key: {"before": first[key], "after": last[key]} for key in ("target_acc", "holdout_acc", "source_acc")
+                key: {"before": first[key], "after": last[key], "steps": [record[key] for record in run.history]}
+                for key in ("target_acc", "holdout_acc", "source_acc")
             }
             runs[name]["checkpoint_path"] = None if run.checkpoint_path is None else str(run.checkpoint_path)
         return {
@@ -188,7 +192,11 @@ class DataRepairCallback(pl.Callback):
         strategies: Several strategies to run from the same start weights; replaces ``strategy``. The
             policy applies to the first one.
         num_steps: Optimisation steps per strategy.
-        anchor_batch_size: Target errors per anchor batch.
+        anchor_batch_size: Target examples per anchor batch.
+        anchors_from: "errors" draws anchor batches from the anchor split's errors only. "all" draws them
+            from the whole anchor split, correct examples included, so the update also keeps what the
+            model already gets right; on HANS, where nearly every error is non-entailment, "errors" tends
+            to shift every prediction towards non-entailment.
         num_examples: Update examples per step (the anchor batch itself for "anchors").
         lr: Learning rate of the repair optimizer.
         optimizer: The repair optimizer: "sgd" (plain SGD, as FastIF), "adam" or "adamw".
@@ -239,6 +247,7 @@ class DataRepairCallback(pl.Callback):
         strategies: list[Strategy] | None = None,
         num_steps: int = 10,
         anchor_batch_size: int = 10,
+        anchors_from: AnchorsFrom = "errors",
         num_examples: int = 10,
         lr: float = 1e-4,
         optimizer: OptimizerName = "sgd",
@@ -277,6 +286,7 @@ class DataRepairCallback(pl.Callback):
         _check_dataloader_indices(target_dataloader_idx, source_dataloader_idx)
         self.strategies: list[str] = _check_strategies(strategy, strategies)
         _check_choice("policy", policy, POLICIES)
+        _check_choice("anchors_from", anchors_from, ANCHORS_FROM)
         _check_choice("optimizer", optimizer, OPTIMIZERS)
 
         # The config validates the LiSSA and kNN settings. top_k is the number of update examples.
@@ -304,6 +314,7 @@ class DataRepairCallback(pl.Callback):
 
         self.num_steps = num_steps
         self.anchor_batch_size = anchor_batch_size
+        self.anchors_from = anchors_from
         self.num_examples = num_examples
         self.lr = float(lr)
         self.optimizer = optimizer
@@ -539,12 +550,19 @@ class DataRepairCallback(pl.Callback):
         order = torch.randperm(num_target, generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_holdout = min(num_target - 1, max(1, round(self.holdout_fraction * num_target)))
         holdout, anchor_part = sorted(order[:num_holdout]), sorted(order[num_holdout:])
-        anchor_candidates = [i for i in anchor_part if not correct[i]]
+        anchor_errors = [i for i in anchor_part if not correct[i]]
+        anchor_candidates = anchor_part if self.anchors_from == "all" else anchor_errors
         holdout_errors = [i for i in holdout if not correct[i]]
+        if self.anchors_from == "all" and not anchor_errors:
+            raise ValueError(
+                f"The anchor split of {len(anchor_part)} target examples contains none of the {num_errors} errors. "
+                f"Lower holdout_fraction={self.holdout_fraction} or pass a larger target set."
+            )
         if len(anchor_candidates) < self.anchor_batch_size:
             raise ValueError(
                 f"anchor_batch_size={self.anchor_batch_size} is larger than the {len(anchor_candidates)} target "
-                f"errors available for anchors ({num_errors} errors in {num_target} target examples, "
+                f"{'examples' if self.anchors_from == 'all' else 'errors'} available for anchors "
+                f"({num_errors} errors in {num_target} target examples, "
                 f"holdout_fraction={self.holdout_fraction}). Pass anchor_batch_size <= {len(anchor_candidates)}, "
                 "a lower holdout_fraction or a larger target set."
             )
@@ -893,8 +911,9 @@ def _format_change(before: float | None, after: float | None) -> str:
 def _summary_table(result: RepairResult, callback: DataRepairCallback) -> str:
     lines = [
         f"Data repair: {callback.num_steps} steps of {callback.optimizer} (lr {callback.lr:g}), "
-        f"{callback.num_examples} examples a step, anchors from {len(result.anchor_candidates)} of "
-        f"{result.num_target_errors} target errors, measured on {len(result.holdout_errors)} held-out errors.",
+        f"{callback.num_examples} examples a step, anchors from {len(result.anchor_candidates)} target "
+        f"{'examples' if callback.anchors_from == 'all' else 'errors'} ({result.num_target_errors} errors in all), "
+        f"measured on {len(result.holdout_errors)} held-out errors.",
         f"{'strategy':<9}  {'target_acc':<14}  {'holdout_acc':<14}  {'source_acc':<14}",
     ]
     for name, run in result.runs.items():

@@ -262,6 +262,19 @@ def test_anchor_batches_are_errors_outside_holdout(task: Task, model: SpuriousML
     assert result.num_target_errors == len(result.anchor_candidates) + len(result.holdout_errors)
 
 
+def test_anchors_from_all_includes_correct_examples(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    callback = repair_callback(task, tmp_path, strategies=["anchors"], num_steps=3, anchors_from="all")
+    result = callback.repair(quiet_trainer(), model)
+
+    holdout = set(result.holdout_indices)
+    assert not set(result.anchor_candidates) & holdout
+    assert len(result.anchor_candidates) == len(task.target) - len(holdout)
+    assert set(result.anchor_candidates) - task.target.counter  # correct examples are candidates too
+    drawn = [i for record in result.runs["anchors"].history[1:] for i in record["anchor_indices"]]
+    assert set(drawn) <= set(result.anchor_candidates)
+    assert set(drawn) - task.target.counter
+
+
 # Policies and state.
 
 
@@ -377,6 +390,11 @@ def test_fit_end_logs_and_writes_records(task: Task, tmp_path: Path) -> None:
     assert summary["kept_strategy"] == "helpful"
     assert summary["runs"]["helpful"]["target_acc"]["before"] == 0.0
     assert Path(summary["runs"]["helpful"]["checkpoint_path"]).is_file()
+    for strategy in ("helpful", "random"):
+        holdout = summary["runs"][strategy]["holdout_acc"]
+        assert holdout["steps"] == [r["holdout_acc"] for r in records if r["strategy"] == strategy]
+        assert holdout["steps"][0] == holdout["before"]
+        assert holdout["steps"][-1] == holdout["after"]
 
     with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -584,6 +602,7 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         ({"holdout_fraction": 1.0}, r"`holdout_fraction` must be in \(0, 1\), but got 1.0"),
         ({"policy": "sometimes"}, "Unknown policy 'sometimes'"),
         ({"optimizer": "lbfgs"}, "Unknown optimizer 'lbfgs'"),
+        ({"anchors_from": "correct"}, "Unknown anchors_from 'correct'"),
         ({"k": 0}, "`k` must be a positive integer or None"),
     ],
 )
