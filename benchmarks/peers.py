@@ -9,7 +9,9 @@ same saved problem and writes its ``[Q, N]`` scores, seconds and peak RSS back t
   example, with the explicit Hessian or with LiSSA;
 * ``fastif-1``, ``fastif-2``: ``FastIF`` (kNN candidates on the inputs, then LiSSA) in one process, and in
   two processes under ``torchrun --nproc_per_node=2 --standalone`` with a gloo process group, where the LiSSA
-  repeats and the candidates are split over the ranks;
+  repeats and the candidates are split over the ranks. ``--fastif-depth``, ``--fastif-repeats`` and
+  ``--fastif-lissa-batch-size`` give these two their own LiSSA settings, while the other LiSSA methods keep
+  ``--depth``, ``--repeats`` and ``--lissa-batch-size``;
 * ``dattri``, ``pydvl``, ``kronfluence``, ``captum``: the peers, each with the python of its own virtual
   environment under ``benchmarks/.venvs/<peer>`` (``bash benchmarks/peers/setup.sh`` creates them).
 
@@ -29,6 +31,7 @@ Usage::
     python benchmarks/peers.py
     python benchmarks/peers.py --rounds 3 --methods original-exact fastif-1 fastif-2
     python benchmarks/peers.py --setting minilm
+    python benchmarks/peers.py --num-train 5000 --fastif-depth 100 --fastif-repeats 1 --fastif-lissa-batch-size 64
 """
 
 from __future__ import annotations
@@ -259,6 +262,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depth", type=int, help="LiSSA steps per repeat (default 300, 10)")
     parser.add_argument("--repeats", type=int, help="LiSSA repeats, split over the ranks by fastif-2 (default 4, 2)")
     parser.add_argument("--lissa-batch-size", type=int, help="training examples per LiSSA step (default 16, 1)")
+    parser.add_argument(
+        "--fastif-depth", type=int, help="LiSSA steps per repeat of fastif-1 and fastif-2 only (default: --depth)"
+    )
+    parser.add_argument(
+        "--fastif-repeats", type=int, help="LiSSA repeats of fastif-1 and fastif-2 only (default: --repeats)"
+    )
+    parser.add_argument(
+        "--fastif-lissa-batch-size",
+        type=int,
+        help="training examples per LiSSA step of fastif-1 and fastif-2 only (default: --lissa-batch-size)",
+    )
     parser.add_argument("--k", type=int, help="FastIF's kNN candidates per query (default 100, 50)")
     parser.add_argument("--knn-metric", choices=("l2", "cosine"), default="l2", help="FastIF's kNN distance")
     parser.add_argument(
@@ -302,6 +316,14 @@ def main() -> None:
         "k": args.k,
         "metric": args.knn_metric,
         "score_method": args.score_method,
+        # FastIF's own LiSSA settings. run_ours.py puts them over the shared ones for fastif-1 and fastif-2.
+        "fastif_lissa": {
+            "depth": args.depth if args.fastif_depth is None else args.fastif_depth,
+            "repeats": args.repeats if args.fastif_repeats is None else args.fastif_repeats,
+            "batch_size": args.lissa_batch_size
+            if args.fastif_lissa_batch_size is None
+            else args.fastif_lissa_batch_size,
+        },
     }
     loo_change = None
     if args.setting == "logistic":
@@ -341,11 +363,14 @@ def main() -> None:
     rows = [summarise(run, reference, loo_change) for run in runs.values() if run.results]
     failed = {run.method: run.error for run in runs.values() if run.error}
     versions = {name: value for row in rows for name, value in row["versions"].items()}
+    fastif_lissa = settings["fastif_lissa"]
     lines = [
         f"- Command: `{shlex.join(['python', 'benchmarks/peers.py', *sys.argv[1:]])}`",
         problem_line,
         f"- LiSSA: damping {settings['damping']}, scale {args.scale:g}, depth {args.depth}, repeats "
-        f"{args.repeats}, batch size {args.lissa_batch_size}; FastIF k={args.k} with {args.knn_metric} kNN; "
+        f"{args.repeats}, batch size {args.lissa_batch_size}; FastIF k={args.k} with {args.knn_metric} kNN and "
+        f"LiSSA depth {fastif_lissa['depth']}, repeats {fastif_lissa['repeats']}, batch size "
+        f"{fastif_lissa['batch_size']}; "
         f"{args.rounds} round(s) per method; reference {reference_method}.",
         f"- Machine: {cpu_model()}, {os.cpu_count()} visible cores, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}.",

@@ -38,6 +38,20 @@ def test_k_equal_n_matches_full_computation():
         torch.testing.assert_close(result.scores, expected[i, result.candidate_indices], rtol=1e-10, atol=1e-12)
 
 
+def test_shared_solve_matches_queries_alone():
+    # explain() solves all queries in one LiSSA run, so each query's scores must equal explaining it alone.
+    model = tiny_bert().double()
+    train = token_items(24)
+    items = token_items(3, seed=1)
+    fastif = make_fastif(model, train, k=8)
+    together = fastif.explain(default_collate(items), mode="each")
+    for item, result in zip(items, together, strict=True):
+        (alone,) = fastif.explain(default_collate([item]), mode="each")
+        assert torch.equal(result.candidate_indices, alone.candidate_indices)
+        assert torch.equal(result.scores, alone.scores)
+        assert set(result.timings) == {"knn", "ihvp", "scores"}
+
+
 def test_k_none_scores_every_example_in_order():
     model = tiny_bert().double()
     train = token_items(10)

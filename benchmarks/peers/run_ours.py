@@ -132,7 +132,7 @@ def run_method(method: str, setting: Setting, settings: dict, stopwatch: Stopwat
         top_k=10,
         gradient_batch_size=setting.gradient_batch_size,
         weight_decay=setting.weight_decay,
-        **lissa_options(settings),
+        **{**lissa_options(settings), **settings.get("fastif_lissa", {})},
     )
     fastif = FastIF(
         setting.model, setting.loss_fn, setting.features_fn, setting.train, parameters=setting.parameters, config=config

@@ -169,17 +169,31 @@ class FunctionalLoss:
 
         The graph is freed before returning, so repeated calls keep memory flat.
         """
+        return self.hvps(batch, vector.unsqueeze(0))[0]
+
+    def hvps(self, batch: Any, vectors: Tensor) -> Tensor:
+        """Return ``H v`` for each row of ``vectors`` (``[Q, P]``), shape ``[Q, P]``, as :meth:`hvp` does.
+
+        The loss and its first-order gradient are computed once for all rows, and each row gets its own
+        second backward pass, so every row equals :meth:`hvp` of that row.
+        """
+        if len(vectors) == 0:
+            return torch.zeros_like(vectors)
         params = tuple(t.clone().requires_grad_(True) for t in self.params())
         loss = self.loss(params, batch)
         check_finite(loss, where="on a training batch")
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        pieces = self.selection.unflatten(vector.to(dtype=params[0].dtype))
-        product = torch.autograd.grad(grads, params, grad_outputs=pieces, allow_unused=True)
-        product = tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
-        flat = self.selection.flatten(product).detach()
-        if self.weight_decay:
-            flat = flat + 2 * self.weight_decay * vector
-        return flat
+        rows = []
+        for row, vector in enumerate(vectors):
+            pieces = self.selection.unflatten(vector.to(dtype=params[0].dtype))
+            last = row == len(vectors) - 1
+            product = torch.autograd.grad(grads, params, grad_outputs=pieces, retain_graph=not last, allow_unused=True)
+            product = tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
+            flat = self.selection.flatten(product).detach()
+            if self.weight_decay:
+                flat = flat + 2 * self.weight_decay * vector
+            rows.append(flat)
+        return torch.stack(rows)
 
     def hessian(self, batch: Any, *, chunk_size: int = 256) -> Tensor:
         """Return the explicit Hessian ``[P, P]`` of the mean loss over ``batch`` (no L2 term)."""

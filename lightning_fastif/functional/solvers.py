@@ -212,7 +212,7 @@ class LiSSASolver(IHVPSolver):
         v_norm = float(torch.linalg.vector_norm(vectors))
         for step in range(self.depth):
             batch = next(batches)
-            products = torch.stack([loss.hvp(batch, row) for row in estimate])
+            products = loss.hvps(batch, estimate)
             estimate = vectors + (1 - self.damping) * estimate - products / self.scale
             norm = float(torch.linalg.vector_norm(estimate))
             self._check_divergence(norm, v_norm, step)

@@ -134,3 +134,23 @@ def test_exact_parameter_limit_says_use_lissa():
 def test_solver_options_rejected(solver, options, pattern):
     with pytest.raises(ValueError, match=pattern):
         solver(**options)
+
+
+def test_hvps_rows_equal_single_hvp():
+    problem = logistic_problem()
+    loss, train, _ = setup(problem)
+    vectors = torch.randn(3, problem.x.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    batch = train.batch(range(20))
+    products = loss.hvps(batch, vectors)
+    for row, vector in enumerate(vectors):
+        assert torch.equal(products[row], loss.hvp(batch, vector))
+
+
+def test_lissa_rows_equal_single_solves():
+    problem = logistic_problem()
+    loss, train, _ = setup(problem)
+    vectors = torch.randn(3, problem.x.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    solver = LiSSASolver(damping=1e-4, scale=5.0, depth=50, repeats=2, batch_size=10, seed=0)
+    together = solver.solve(loss, train, vectors)
+    for row, vector in enumerate(vectors):
+        assert torch.equal(together[row], solver.solve(loss, train, vector.unsqueeze(0))[0])
