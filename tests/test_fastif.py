@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+import lightning_fastif.fastif
 from lightning_fastif import InfluenceComputer
 from lightning_fastif.fastif import FastIF, FastIFConfig
 from lightning_fastif.hf import sequence_classification_loss
@@ -50,6 +51,19 @@ def test_shared_solve_matches_queries_alone():
         assert torch.equal(result.candidate_indices, alone.candidate_indices)
         assert torch.equal(result.scores, alone.scores)
         assert set(result.timings) == {"knn", "ihvp", "scores"}
+
+
+def test_shared_solve_chunks_match(monkeypatch):
+    model = tiny_bert().double()
+    fastif = make_fastif(model, token_items(24), k=8)
+    query = default_collate(token_items(3, seed=1))
+    whole = fastif.explain(query, mode="each")
+    monkeypatch.setattr(lightning_fastif.fastif, "SHARED_SOLVE_QUERIES", 2)
+    chunked = fastif.explain(query, mode="each")
+    assert len(chunked) == 3
+    for expected, result in zip(whole, chunked, strict=True):
+        assert torch.equal(result.candidate_indices, expected.candidate_indices)
+        assert torch.equal(result.scores, expected.scores)
 
 
 def test_k_none_scores_every_example_in_order():
