@@ -6,22 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.cli import run_fit
+from tests.helpers.cli import run_fit, use_small_data, use_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_rows(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def nli_rows(count: int) -> list[dict]:
-    labels = ["entailment", "neutral", "contradiction"]
-    return [
-        {"premise": f"A person number {i} walks.", "hypothesis": f"Someone {i} moves.", "label": labels[i % 3]}
-        for i in range(count)
-    ]
 
 
 def hans_rows(count: int) -> list[dict]:
@@ -40,29 +27,8 @@ def hans_rows(count: int) -> list[dict]:
 
 def test_cli_fit_runs_influence_from_yaml(tmp_path):
     quick = yaml.safe_load((ROOT / "examples" / "mnli_hans" / "quick.yaml").read_text())
-    data = quick["data"]["init_args"]
-    data.update(
-        train_path=write_rows(tmp_path / "train.jsonl", nli_rows(40)),
-        train_size=None,
-        mnli_val_path=write_rows(tmp_path / "val.jsonl", nli_rows(12)),
-        mnli_val_size=None,
-        hans_val_path=write_rows(tmp_path / "hans.jsonl", hans_rows(12)),
-        hans_val_size=None,
-        max_length=32,
-        batch_size=8,
-        eval_batch_size=8,
-    )
-    # A tiny random BERT with the MiniLM tokenizer's vocabulary, so the test reads no weights.
-    quick["model"]["init_args"] = {
-        "from_config": {
-            "vocab_size": 30522,
-            "hidden_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-        },
-        "tokenizer_name_or_path": "all-MiniLM-L6-v2",
-    }
+    use_small_data(quick, tmp_path, hans_rows(12))
+    use_tiny_bert(quick)
     run_dir = tmp_path / "run"
     quick["trainer"].update(default_root_dir=str(run_dir), limit_train_batches=2, enable_progress_bar=False)
     quick["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)

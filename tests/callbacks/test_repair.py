@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_fastif.callbacks import DataRepairCallback
 from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
 from lightning_fastif.mixin import FastIFMixin
-from tests.helpers.cli import run_fit
+from tests.helpers.cli import run_fit, use_small_data, use_tiny_bert
 
 REPAIR_YAML = Path(__file__).resolve().parents[2] / "examples" / "mnli_hans" / "repair.yaml"
 
@@ -493,19 +493,6 @@ def test_repair_yaml_parses() -> None:
     assert exit_info.value.code == 0
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return str(path)
-
-
-def mnli_rows(count: int) -> list[dict[str, Any]]:
-    labels = ["entailment", "neutral", "contradiction"]
-    return [
-        {"premise": f"A person number {i} walks.", "hypothesis": f"Someone {i} moves.", "label": labels[i % 3]}
-        for i in range(count)
-    ]
-
-
 def hans_rows(count: int) -> list[dict[str, Any]]:
     """HANS rows, alternately entailment and non-entailment, so a model that predicts one class errs on half."""
     rows = []
@@ -526,28 +513,8 @@ def hans_rows(count: int) -> list[dict[str, Any]]:
 
 def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
     config = yaml.safe_load(REPAIR_YAML.read_text(encoding="utf-8"))
-    config["data"]["init_args"].update(
-        train_path=write_rows(tmp_path / "train.jsonl", mnli_rows(40)),
-        train_size=None,
-        mnli_val_path=write_rows(tmp_path / "val.jsonl", mnli_rows(12)),
-        mnli_val_size=None,
-        hans_val_path=write_rows(tmp_path / "hans.jsonl", hans_rows(40)),
-        hans_val_size=None,
-        max_length=32,
-        batch_size=8,
-        eval_batch_size=8,
-    )
-    # A tiny random BERT with the MiniLM tokenizer's vocabulary, so the test reads no weights.
-    config["model"]["init_args"] = {
-        "from_config": {
-            "vocab_size": 30522,
-            "hidden_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-        },
-        "tokenizer_name_or_path": "all-MiniLM-L6-v2",
-    }
+    use_small_data(config, tmp_path, hans_rows(40))
+    use_tiny_bert(config)
     run_dir = tmp_path / "run"
     config["trainer"].update(default_root_dir=str(run_dir), limit_train_batches=2, enable_progress_bar=False)
     config["trainer"]["logger"] = {

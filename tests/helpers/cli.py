@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,50 @@ def run_fit(config: dict[str, Any], folder: Path, *, timeout: int = 600) -> subp
         text=True,
         timeout=timeout,
     )
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Write ``rows`` to ``path`` as JSON Lines and return the path as a string for a config."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def mnli_rows(count: int) -> list[dict[str, Any]]:
+    """Return short MNLI-style rows with the three labels in turn."""
+    labels = ["entailment", "neutral", "contradiction"]
+    return [
+        {"premise": f"A person number {i} walks.", "hypothesis": f"Someone {i} moves.", "label": labels[i % 3]}
+        for i in range(count)
+    ]
+
+
+def use_small_data(config: dict[str, Any], folder: Path, hans_rows: list[dict[str, Any]]) -> None:
+    """Point the config's data module at 40 training rows, 12 MNLI rows and ``hans_rows``, 32 tokens each."""
+    config["data"]["init_args"].update(
+        train_path=write_rows(folder / "train.jsonl", mnli_rows(40)),
+        train_size=None,
+        mnli_val_path=write_rows(folder / "val.jsonl", mnli_rows(12)),
+        mnli_val_size=None,
+        hans_val_path=write_rows(folder / "hans.jsonl", hans_rows),
+        hans_val_size=None,
+        max_length=32,
+        batch_size=8,
+        eval_batch_size=8,
+    )
+
+
+def use_tiny_bert(config: dict[str, Any]) -> None:
+    """Replace the config's model with a tiny random BERT that uses the MiniLM tokenizer's vocabulary.
+
+    The test then reads no pretrained weights.
+    """
+    config["model"]["init_args"] = {
+        "from_config": {
+            "vocab_size": 30522,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+        "tokenizer_name_or_path": "all-MiniLM-L6-v2",
+    }
