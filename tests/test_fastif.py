@@ -59,7 +59,16 @@ def test_shared_solve_chunks_match(monkeypatch):
     query = default_collate(token_items(3, seed=1))
     whole = fastif.explain(query, mode="each")
     monkeypatch.setattr(lightning_fastif.fastif, "SHARED_SOLVE_QUERIES", 2)
+    solve_sizes = []
+    solve = fastif.computer.ihvp
+
+    def counting_solve(query_gradients):
+        solve_sizes.append(len(query_gradients))
+        return solve(query_gradients)
+
+    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
     chunked = fastif.explain(query, mode="each")
+    assert solve_sizes == [2, 1]
     assert len(chunked) == 3
     for expected, result in zip(whole, chunked, strict=True):
         assert torch.equal(result.candidate_indices, expected.candidate_indices)
