@@ -195,7 +195,7 @@ class DataRepairCallback(pl.Callback):
         anchor_batch_size: Target examples per anchor batch.
         anchors_from: "errors" draws anchor batches from the anchor split's errors only. "all" draws them
             from the whole anchor split, correct examples included, so the update also keeps what the
-            model already gets right; on HANS, where nearly every error is non-entailment, "errors" tends
+            model already gets right. On HANS, where nearly every error is non-entailment, "errors" tends
             to shift every prediction towards non-entailment.
         num_examples: Update examples per step (the anchor batch itself for "anchors").
         lr: Learning rate of the repair optimizer.

@@ -596,6 +596,16 @@ def test_target_without_errors_raises(task: Task, model: SpuriousMLP, tmp_path: 
         callback.repair(quiet_trainer(), model)
 
 
+def test_anchors_from_all_without_anchor_errors_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    # One target error among 19 correct examples, with a seed whose split puts the error in the held-out half.
+    error = next(iter(task.target.counter))
+    target = [task.target[error]] + [task.source[i] for i in range(19)]
+    seed = next(s for s in range(100) if 0 in torch.randperm(20, generator=torch.Generator().manual_seed(s))[:10])
+    callback = repair_callback(task, tmp_path, target_dataset=target, anchors_from="all", seed=seed)
+    with pytest.raises(ValueError, match="The anchor split of 10 target examples contains none of the 1 errors"):
+        callback.repair(quiet_trainer(), model)
+
+
 def test_anchor_batch_too_large_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
     expected = len(repair_callback(task, tmp_path).repair(quiet_trainer(), model).anchor_candidates)
     callback = repair_callback(task, tmp_path, anchor_batch_size=500)
