@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 FeaturesFn = Callable[[Any], Tensor]
 QueryMode = Literal["each", "mean"]
 
-# Queries that share one LiSSA solve. The solve holds several [Q, P] tensors, so a cap keeps memory at a
-# few s_test vectors (P = 22.7M float32 parameters is 91 MB per row) while keeping most of the saving.
+# Queries that share one LiSSA solve. The solve keeps several [Q, P] tensors in memory, so the cap bounds
+# them at a few rows (a row of P = 22.7M float32 parameters is 91 MB) while keeping most of the saving.
 SHARED_SOLVE_QUERIES = 8
 
 
