@@ -270,7 +270,8 @@ class FastIF:
             progress: Show progress bars over the kNN feature pass, the queries, the LiSSA steps and the
                 candidate scoring.
             solver: LiSSA solver for this and later calls, which replaces the configured one (for example
-                with another seed). Under a process group its repeats are split across ranks.
+                with another seed). Under a process group its repeats, and with fewer repeats than ranks the
+                queries, are split across ranks (see :meth:`InfluenceComputer.lissa_grid`).
         """
         size = batch_size_of(query_batch, name="query_batch")
         ids = torch.as_tensor(list(query_indices) if query_indices is not None else range(size), dtype=torch.long)
@@ -283,9 +284,12 @@ class FastIF:
             groups = [(query_batch, ids)]
         elif mode != "each":
             raise ValueError(f"`mode` must be 'each' or 'mean', but got {mode!r}.")
+        # Under a process group that splits the query rows, each rank solves up to SHARED_SOLVE_QUERIES rows.
+        _, query_groups = self.computer.lissa_grid(len(groups))
+        chunk = SHARED_SOLVE_QUERIES * query_groups
         results: list[QueryInfluence] = []
-        for start in range(0, len(groups), SHARED_SOLVE_QUERIES):
-            results += self._explain_groups(groups[start : start + SHARED_SOLVE_QUERIES], progress=progress)
+        for start in range(0, len(groups), chunk):
+            results += self._explain_groups(groups[start : start + chunk], progress=progress)
         return results
 
     def _explain_groups(self, groups: list[tuple[Any, Tensor]], *, progress: bool) -> list[QueryInfluence]:
@@ -295,7 +299,8 @@ class FastIF:
         draws the same seeded batches for every row, so each query's ``s_test`` equals a solve of
         that query alone. Sharing the solve draws each training batch and its first-order graph once per
         step instead of once per query. Each result's "ihvp" timing is the shared solve's seconds over Q.
-        The caller passes at most ``SHARED_SOLVE_QUERIES`` queries, which bounds the ``[Q, P]`` tensors.
+        The caller passes at most ``SHARED_SOLVE_QUERIES`` queries per query group of
+        :meth:`InfluenceComputer.lissa_grid`, which bounds the ``[Q, P]`` tensors of each rank's solve.
         """
         knn_seconds, candidates = [], []
         bar = tqdm(groups, desc="FastIF kNN", disable=not progress or len(groups) == 1)

@@ -119,25 +119,47 @@ class InfluenceComputer:
     def ihvp(self, query_gradients: Tensor) -> Tensor:
         """Return ``s_test``, the ihvp of each query gradient, shape ``[Q, P]``.
 
-        Under an initialised process group, each rank runs its share of the LiSSA repeats (repeat ``r``
-        keeps its seed ``seed + r``) and the sums are all-reduced, so the result equals one process
-        running every repeat. The exact and CG solvers are deterministic and run whole on every rank.
+        Under an initialised process group the LiSSA work is split over the ranks as a grid of repeat
+        groups and query groups (see :meth:`lissa_grid`): each rank runs its share of the repeats (repeat
+        ``r`` keeps its seed ``seed + r``) on its share of the query rows, and the sums are all-reduced.
+        LiSSA treats rows independently, so the result equals one process running every repeat on every
+        row. The exact and CG solvers are deterministic and run whole on every rank.
         """
         with influence_mode(self.model):
             if not (is_distributed() and isinstance(self.solver, LiSSASolver)):
                 return self.solver.solve(self.loss, self.train, query_gradients)
-            rank, world_size = rank_and_world()
-            start, stop = share(self.solver.repeats, rank, world_size)
+            rank, _ = rank_and_world()
+            repeat_groups, query_groups = self.lissa_grid(len(query_gradients))
             total = torch.zeros_like(query_gradients)
-            if stop > start:
-                local = replace(
-                    self.solver,
-                    repeats=stop - start,
-                    repeat_offset=self.solver.repeat_offset + start,
-                    progress=self.solver.progress and rank == 0,
-                )
-                total = local.solve_sum(self.loss, self.train, query_gradients)
+            if rank < repeat_groups * query_groups:
+                repeat_start, repeat_stop = share(self.solver.repeats, rank // query_groups, repeat_groups)
+                row_start, row_stop = share(len(query_gradients), rank % query_groups, query_groups)
+                if repeat_stop > repeat_start and row_stop > row_start:
+                    local = replace(
+                        self.solver,
+                        repeats=repeat_stop - repeat_start,
+                        repeat_offset=self.solver.repeat_offset + repeat_start,
+                        progress=self.solver.progress and rank == 0,
+                    )
+                    rows = query_gradients[row_start:row_stop]
+                    total[row_start:row_stop] = local.solve_sum(self.loss, self.train, rows)
             return all_reduce_sum(total) / self.solver.repeats
+
+    def lissa_grid(self, num_queries: int) -> tuple[int, int]:
+        """Return ``(repeat_groups, query_groups)``: how :meth:`ihvp` splits a LiSSA solve over the ranks.
+
+        The repeats are split first. Each LiSSA step builds its batch's graph once for all query rows and
+        adds one backward pass per row, so a rank saves more by running fewer steps than by solving fewer
+        rows. Ranks left over once every repeat group has one repeat split the query rows: with one repeat
+        and two ranks, each rank solves half of the queries. Ranks outside the grid only join the
+        all-reduce. Without a process group, or with another solver, the grid is ``(1, 1)``.
+        """
+        _, world_size = rank_and_world()
+        if world_size == 1 or not isinstance(self.solver, LiSSASolver):
+            return 1, 1
+        repeat_groups = max(d for d in range(1, world_size + 1) if world_size % d == 0 and d <= self.solver.repeats)
+        query_groups = max(1, min(world_size // repeat_groups, num_queries))
+        return repeat_groups, query_groups
 
     def train_gradients(self, indices: Sequence[int]) -> Tensor:
         """Return per-example gradients of the given training examples, shape ``[len(indices), P]``."""

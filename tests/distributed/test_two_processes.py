@@ -20,22 +20,26 @@ RTOL = 1e-6
 OPTIONS = dict(solver="lissa", damping=1e-3, scale=5.0, depth=40, repeats=4, batch_size=7, seed=3)
 
 
-def scores_in_one_process():
+def scores_in_one_process(repeats=4, mode="mean"):
     problem = logistic_problem(n=50)
     query = (problem.x[:3], problem.y[:3])
-    return compute_influences(problem.model, problem.loss_fn, problem.dataset, query, **OPTIONS)
+    options = {**OPTIONS, "repeats": repeats}
+    if mode == "mean":
+        return compute_influences(problem.model, problem.loss_fn, problem.dataset, query, **options)
+    return InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **options).compute(query, mode=mode)
 
 
-def worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def worker(rank: int, world_size: int, store_path: str, out_dir: str, repeats: int = 4, mode: str = "mean") -> None:
     # A file store: the test opens no port.
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    work = {"repeats": [], "scored": 0}
+    work = {"repeats": [], "rows": [], "scored": 0}
     one_repeat = LiSSASolver._one_repeat
     score_positions = InfluenceComputer._score_positions
 
     def record_repeat(self, loss, train, vectors, repeat, bar):
         work["repeats"].append(self.repeat_offset + repeat)
+        work["rows"].append(len(vectors))
         return one_repeat(self, loss, train, vectors, repeat, bar)
 
     def record_scoring(self, ihvps, positions, *, progress):
@@ -46,7 +50,7 @@ def worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
     InfluenceComputer._score_positions = record_scoring
     try:
         torch.set_num_threads(1)
-        scores = scores_in_one_process()
+        scores = scores_in_one_process(repeats, mode)
         torch.save({"scores": scores, **work}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -63,6 +67,18 @@ def test_two_processes_match_one(tmp_path):
     assert second["repeats"] == [2, 3]
     assert first["scored"] == 25
     assert second["scored"] == 25
+
+
+def test_two_processes_split_the_queries_of_one_repeat(tmp_path):
+    # With one repeat there are no repeats to share, so each rank solves its share of the 3 query rows.
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path), 1, "each"), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    expected = scores_in_one_process(repeats=1, mode="each")
+    assert expected.shape == (3, 50)
+    torch.testing.assert_close(first["scores"], expected, rtol=RTOL, atol=0)
+    torch.testing.assert_close(second["scores"], expected, rtol=RTOL, atol=0)
+    assert (first["repeats"], first["rows"]) == ([0], [2])
+    assert (second["repeats"], second["rows"]) == ([0], [1])
 
 
 def test_share_covers_every_item_once():
@@ -150,3 +166,80 @@ def test_ddp_repair_matches_one_process(tmp_path):
         work = json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text())
         assert work["repeats"] * 2 == one_work["repeats"]
         assert work["scored"] * 2 == one_work["scored"]
+
+
+def test_lissa_grid_splits_repeats_before_queries(monkeypatch):
+    problem = logistic_problem(n=20)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
+    assert computer.lissa_grid(3) == (1, 1)  # No process group: one process does everything.
+    # (world size, repeats, queries) -> (repeat groups, query groups)
+    cases = {
+        (2, 4, 3): (2, 1),
+        (2, 1, 3): (1, 2),
+        (2, 1, 1): (1, 1),
+        (4, 2, 8): (2, 2),
+        (4, 3, 8): (2, 2),
+        (4, 1, 3): (1, 3),
+        (3, 2, 5): (1, 3),
+    }
+    for (world_size, repeats, queries), grid in cases.items():
+        monkeypatch.setattr("lightning_fastif.influence.rank_and_world", lambda w=world_size: (0, w))
+        computer.solver = LiSSASolver(repeats=repeats)
+        assert computer.lissa_grid(queries) == grid, (world_size, repeats, queries)
+
+
+def explain_five_queries():
+    from torch.utils.data import default_collate
+
+    from lightning_fastif.fastif import FastIF, FastIFConfig
+    from lightning_fastif.hf import sequence_classification_loss
+    from lightning_fastif.knn import classifier_input_features
+    from tests.helpers.tiny_bert import tiny_bert, token_items
+
+    model = tiny_bert().double()
+    config = FastIFConfig(k=8, damping=1e-3, scale=100.0, depth=20, repeats=1, batch_size=4, seed=0)
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        lambda batch: classifier_input_features(model, batch),
+        token_items(24),
+        parameters=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
+        config=config,
+    )
+    results = fastif.explain(default_collate(token_items(5, seed=1)), mode="each")
+    return torch.stack([r.candidate_indices for r in results]), torch.stack([r.scores for r in results])
+
+
+def fastif_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    import lightning_fastif.fastif
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    rows = []
+    one_repeat = LiSSASolver._one_repeat
+
+    def record_repeat(self, loss, train, vectors, repeat, bar):
+        rows.append(len(vectors))
+        return one_repeat(self, loss, train, vectors, repeat, bar)
+
+    LiSSASolver._one_repeat = record_repeat
+    lightning_fastif.fastif.SHARED_SOLVE_QUERIES = 2
+    try:
+        torch.set_num_threads(1)
+        candidates, scores = explain_five_queries()
+        torch.save({"candidates": candidates, "scores": scores, "rows": rows}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_split_fastif_queries(tmp_path):
+    # One repeat, 5 queries, at most 2 rows per rank's solve: chunks of 4 and 1 queries. The first chunk's
+    # rows are split 2 and 2; the last query is solved by rank zero alone.
+    mp.spawn(fastif_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    candidates, scores = explain_five_queries()
+    for result in (first, second):
+        assert torch.equal(result["candidates"], candidates)
+        torch.testing.assert_close(result["scores"], scores, rtol=RTOL, atol=0)
+    assert first["rows"] == [2, 1]
+    assert second["rows"] == [2]
