@@ -10,9 +10,9 @@ Run it with two processes on this machine::
 
     torchrun --nproc_per_node=2 --standalone examples/torchrun_influences.py
 
-or in one process, with no process group, as ``python examples/torchrun_influences.py``. The LiSSA
-repeats are split over ranks, so use at least as many repeats as processes, or the extra ranks only
-score candidates.
+or in one process, with no process group, as ``python examples/torchrun_influences.py``. The query is
+the mean loss of a batch, a single ``s_test``, so only the LiSSA repeats can be split for it: use at least
+as many repeats as processes, or the extra ranks only score candidates.
 """
 
 from __future__ import annotations
