@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import Dataset
 
 from lightning_fastif.callbacks import DataRepairCallback
-from lightning_fastif.callbacks.repair import STRATEGIES
+from lightning_fastif.callbacks.repair import SELECT_STEPS, STRATEGIES
 from lightning_fastif.nli import (
     NLIClassifier,
     NLIDataset,
@@ -127,6 +127,20 @@ def add_repair_arguments(parser: argparse.ArgumentParser, *, defaults: Mapping[s
     )
     parser.add_argument("--num-examples", type=int, default=10, help="Update examples per step.")
     parser.add_argument("--holdout-fraction", type=float, default=0.5, help="Share of the target set held out.")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.0,
+        help="Share of the target set split off as a validation split for choosing the step, in [0, 1). The "
+        "default 0 makes none.",
+    )
+    parser.add_argument(
+        "--select-step",
+        choices=SELECT_STEPS,
+        default="last",
+        help="The step whose weights each run ends with: 'last', or 'best_validation' (the highest accuracy on "
+        "the validation split, the earliest on ties; needs --validation-fraction above 0).",
+    )
     parser.add_argument("--pool-size", type=int, default=defaults["pool_size"], help="Pool examples (sampled).")
     parser.add_argument("--target-size", type=int, default=defaults["target_size"], help="Target examples.")
     parser.add_argument("--source-size", type=int, default=defaults["source_size"], help="Source examples.")
@@ -180,6 +194,8 @@ def repair_callback(args: argparse.Namespace, setting: Setting, seed: int, outpu
         num_examples=args.num_examples,
         lr=args.lr,
         holdout_fraction=args.holdout_fraction,
+        validation_fraction=args.validation_fraction,
+        select_step=args.select_step,
         policy="restore",
         seed=seed,
         k=min(args.k, len(setting.pool)),
@@ -219,19 +235,35 @@ def run_setting(model: NLIClassifier, setting: Setting, args: argparse.Namespace
         "sizes": {"target": len(setting.target), "pool": len(setting.pool), "source": len(setting.source)},
         "seconds": time.perf_counter() - start,
         "per_seed": per_seed,
-        "aggregate": aggregate(per_seed, args.strategies),
+        "aggregate": aggregate(per_seed, args.strategies, selects_on_validation(args)),
     }
 
 
-def aggregate(per_seed: Mapping[str, Mapping[str, Any]], strategies: Sequence[str]) -> dict[str, Any]:
-    """Return the mean and standard deviation over seeds of each metric before and after, per strategy."""
+def selects_on_validation(args: argparse.Namespace) -> bool:
+    """Return whether the runs choose their step on the validation split, so the tables add that step."""
+    return args.select_step == "best_validation"
+
+
+def aggregate(
+    per_seed: Mapping[str, Mapping[str, Any]], strategies: Sequence[str], selected: bool = False
+) -> dict[str, Any]:
+    """Return the mean and standard deviation over seeds of each metric before and after, per strategy.
+
+    With ``selected`` the table also has each metric at the selected step (``<metric>/selected``), the
+    validation accuracy and the selected step itself (``selected_step``).
+    """
+    moments = ("before", "after", "selected") if selected else ("before", "after")
+    metrics = (*METRICS, "validation_acc") if selected else METRICS
     table: dict[str, Any] = {}
     for strategy in strategies:
         table[strategy] = {}
-        for metric in METRICS:
-            for moment in ("before", "after"):
+        for metric in metrics:
+            for moment in moments:
                 values = [seed["runs"][strategy][metric][moment] for seed in per_seed.values()]
                 table[strategy][f"{metric}/{moment}"] = _mean_std([v for v in values if v is not None])
+        if selected:
+            steps = [seed["runs"][strategy]["selected_step"] for seed in per_seed.values()]
+            table[strategy]["selected_step"] = _mean_std(steps)
     return table
 
 
@@ -248,6 +280,23 @@ def _cell(entry: Mapping[str, Any]) -> str:
     return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
 
 
+# The columns of a setting's table: heading and aggregate key. SELECTED_COLUMNS are added when the runs
+# choose their step on the validation split.
+COLUMNS = (
+    ("target after", "target_acc/after"),
+    ("held-out before", "holdout_acc/before"),
+    ("held-out after", "holdout_acc/after"),
+    ("source before", "source_acc/before"),
+    ("source after", "source_acc/after"),
+)
+SELECTED_COLUMNS = (
+    ("selected step", "selected_step"),
+    ("target at selected step", "target_acc/selected"),
+    ("held-out at selected step", "holdout_acc/selected"),
+    ("source at selected step", "source_acc/selected"),
+)
+
+
 def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str:
     """Lay out the aggregated results as markdown: one table per setting, accuracies in percent."""
     lines = [
@@ -259,6 +308,15 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
         f"LiSSA depth {args.depth}.",
         "",
     ]
+    columns: tuple[tuple[str, str], ...] = COLUMNS
+    if selects_on_validation(args):
+        columns += SELECTED_COLUMNS
+        lines[0] += (
+            f" A validation split of {args.validation_fraction:g} of the target set, disjoint from the anchor and "
+            "held-out splits, chooses each run's step: the one with the highest validation accuracy, the earliest "
+            "on ties (step 0 is the start weights). `after` is after the last step, and `at selected step` at "
+            "the chosen step."
+        )
     for setting in settings:
         sizes = setting["sizes"]
         lines += [
@@ -267,31 +325,28 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
             f"{setting['description']} Target {sizes['target']}, pool {sizes['pool']}, source {sizes['source']} "
             f"examples; {setting['seconds'] / 60:.1f} min.",
             "",
-            "| strategy | target after | held-out before | held-out after | source before | source after |",
-            "|---|---|---|---|---|---|",
+            "| strategy | " + " | ".join(heading for heading, _ in columns) + " |",
+            "|---|" + "---|" * len(columns),
         ]
         for strategy, row in setting["aggregate"].items():
-            cells = [
-                row["target_acc/after"],
-                row["holdout_acc/before"],
-                row["holdout_acc/after"],
-                row["source_acc/before"],
-                row["source_acc/after"],
-            ]
-            lines.append(f"| {strategy} | " + " | ".join(_cell(cell) for cell in cells) + " |")
+            cells = [_step_cell(row[key]) if key == "selected_step" else _cell(row[key]) for _, key in columns]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += gain_table(settings, args)
     lines += step_table(settings, args)
     return "\n".join(lines)
 
 
-def seed_changes(setting: Mapping[str, Any], strategy: str, metric: str) -> list[float]:
-    """Return the change of ``metric`` from before to after the repair, one value per seed."""
+def seed_changes(setting: Mapping[str, Any], strategy: str, metric: str, moment: str = "after") -> list[float]:
+    """Return the change of ``metric`` from before the repair to ``moment``, one value per seed.
+
+    ``moment`` is "after" (the last step) or "selected" (the selected step).
+    """
     changes = []
     for seed in setting["per_seed"].values():
         entry = seed["runs"][strategy][metric]
-        if entry["before"] is not None and entry["after"] is not None:
-            changes.append(entry["after"] - entry["before"])
+        if entry["before"] is not None and entry[moment] is not None:
+            changes.append(entry[moment] - entry["before"])
     return changes
 
 
@@ -317,26 +372,39 @@ def gain_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) 
     """Lay out the change of each accuracy per setting and strategy, plus overall rows.
 
     A setting's cell is the mean ± sample standard deviation over seeds. An overall cell pools every
-    (setting, seed) run of its group, so its spread covers settings and seeds.
+    (setting, seed) run of its group, so its spread covers settings and seeds. When the runs choose their
+    step on the validation split, each strategy has two columns: the change after the last step and the
+    change at the selected step.
     """
     strategies = list(args.strategies)
     rows = [(setting["name"], [setting]) for setting in settings] + list(gain_groups(settings).items())
+    if selects_on_validation(args):
+        columns = [(strategy, moment) for strategy in strategies for moment in ("after", "selected")]
+        headings = [f"{strategy}, {MOMENT_LABELS[moment]}" for strategy, moment in columns]
+        subject = "after the last step and at the step selected on the validation split, minus before"
+    else:
+        columns = [(strategy, "after") for strategy in strategies]
+        headings = strategies
+        subject = "after minus before"
     lines = []
     for metric, title in GAIN_METRICS:
         lines += [
-            f"### Change in accuracy on the {title}, after minus before, in points",
+            f"### Change in accuracy on the {title}, {subject}, in points",
             "",
-            "| setting | " + " | ".join(strategies) + " |",
-            "|---|" + "---|" * len(strategies),
+            "| setting | " + " | ".join(headings) + " |",
+            "|---|" + "---|" * len(headings),
         ]
         for name, group in rows:
             cells = [
-                _points([c for setting in group for c in seed_changes(setting, strategy, metric)])
-                for strategy in strategies
+                _points([c for setting in group for c in seed_changes(setting, strategy, metric, moment)])
+                for strategy, moment in columns
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+MOMENT_LABELS = {"after": "last step", "selected": "selected step"}
 
 
 def step_changes(setting: Mapping[str, Any], strategy: str, metric: str) -> list[list[float]]:
@@ -376,6 +444,12 @@ def step_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) 
     return lines
 
 
+def _step_cell(entry: Mapping[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "-"
+    return f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+
+
 def _points(changes: Sequence[float]) -> str:
     entry = _mean_std(changes)
     if entry["mean"] is None:
@@ -413,6 +487,11 @@ def prepare(args: argparse.Namespace) -> None:
     for name in ("pool_size", "target_size", "source_size", "num_steps", "k", "depth", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, but got {getattr(args, name)}.")
+    if selects_on_validation(args) and args.validation_fraction == 0:
+        raise SystemExit(
+            "--select-step best_validation chooses the step on a validation split, but --validation-fraction is 0. "
+            "Pass --validation-fraction above 0, for example 0.2."
+        )
 
 
 def run_study(args: argparse.Namespace, build_settings: Callable[[argparse.Namespace, Any], list[Setting]]) -> None:

@@ -40,10 +40,13 @@ Strategy = Literal["helpful", "harmful", "random", "anchors"]
 Policy = Literal["keep", "restore_on_source_drop", "restore"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 AnchorsFrom = Literal["errors", "all"]
+SelectStep = Literal["last", "best_validation"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 POLICIES: tuple[str, ...] = get_args(Policy)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 ANCHORS_FROM: tuple[str, ...] = get_args(AnchorsFrom)
+SELECT_STEPS: tuple[str, ...] = get_args(SelectStep)
+METRICS = ("target_acc", "holdout_acc", "source_acc", "validation_acc")
 INFLUENCE_STRATEGIES = frozenset({"helpful", "harmful"})
 JSONL_NAME = "repair.jsonl"
 SUMMARY_NAME = "repair_summary.json"
@@ -56,12 +59,17 @@ class RepairRun:
     Attributes:
         strategy: The strategy that chose the update examples.
         history: One record per step. Step 0 has the accuracies of the start weights.
-        checkpoint_path: The saved state dict of the repaired weights, or None when not saved.
+        checkpoint_path: The saved state dict of the repaired weights (those of ``selected_step``), or None
+            when not saved.
+        selected_step: The step whose weights the run ended with, 0 (the start weights) to the last step.
+            It is the last step with ``select_step="last"``. None stands for the last step in a run that
+            :class:`DataRepairCallback` did not finish.
     """
 
     strategy: str
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_path: Path | None = None
+    selected_step: int | None = None
 
     def metric(self, name: str, step: int) -> float | None:
         """Return metric ``name`` (such as ``"target_acc"``) at ``step``, where -1 is the last step."""
@@ -69,8 +77,18 @@ class RepairRun:
 
     def change(self, name: str) -> float | None:
         """Return the change of metric ``name`` from step 0 to the last step, None when it is not measured."""
-        before, after = self.metric(name, 0), self.metric(name, -1)
+        return self._change(name, -1)
+
+    def selected_change(self, name: str) -> float | None:
+        """Return the change of metric ``name`` from step 0 to ``selected_step``, None when it is not measured."""
+        return self._change(name, self._selected_index())
+
+    def _change(self, name: str, step: int) -> float | None:
+        before, after = self.metric(name, 0), self.metric(name, step)
         return None if before is None or after is None else after - before
+
+    def _selected_index(self) -> int:
+        return len(self.history) - 1 if self.selected_step is None else self.selected_step
 
 
 @dataclass
@@ -89,6 +107,9 @@ class RepairResult:
         holdout_indices: Target positions of the held-out split (errors and correct examples).
         holdout_errors: Target positions of the held-out errors, on which ``target_acc`` is measured.
         jsonl_path: The JSON Lines file the step records were appended to.
+        validation_indices: Target positions of the validation split, on which ``validation_acc`` is
+            measured; empty when ``validation_fraction`` is 0.
+        select_step: How each run's ``selected_step`` was chosen, "last" or "best_validation".
     """
 
     runs: dict[str, RepairRun]
@@ -100,38 +121,68 @@ class RepairResult:
     holdout_indices: list[int]
     holdout_errors: list[int]
     jsonl_path: Path
+    validation_indices: list[int] = field(default_factory=list)
+    select_step: str = "last"
 
     def summary(self) -> dict[str, Any]:
-        """Return a JSON-ready summary: sizes, the decision and each strategy's metrics before, after and per step."""
+        """Return a JSON-ready summary: sizes, the decision and each strategy's metrics per step.
+
+        Each metric has its value "before" (step 0), "after" (the last step), at the "selected" step and
+        at every step ("steps"). Each run also has its "selected_step" and "checkpoint_path".
+        """
         runs: dict[str, dict[str, Any]] = {}
         for name, run in self.runs.items():
-            first, last = run.history[0], run.history[-1]
+            selected_step = run._selected_index()
+            first, last, selected = run.history[0], run.history[-1], run.history[selected_step]
             runs[name] = {
-                key: {"before": first[key], "after": last[key], "steps": [record[key] for record in run.history]}
-                for key in ("target_acc", "holdout_acc", "source_acc")
+                key: {
+                    "before": first[key],
+                    "after": last[key],
+                    "selected": selected[key],
+                    "steps": [record[key] for record in run.history],
+                }
+                for key in METRICS
             }
+            runs[name]["selected_step"] = selected_step
             runs[name]["checkpoint_path"] = None if run.checkpoint_path is None else str(run.checkpoint_path)
         return {
             "kept_strategy": self.kept_strategy,
             "decision": self.decision,
+            "select_step": self.select_step,
             "num_target": self.num_target,
             "num_target_errors": self.num_target_errors,
             "num_anchor_candidates": len(self.anchor_candidates),
             "num_holdout": len(self.holdout_indices),
             "num_holdout_errors": len(self.holdout_errors),
+            "num_validation": len(self.validation_indices),
             "runs": runs,
         }
 
 
 @dataclass(frozen=True)
 class _Split:
-    """Target positions: the errors anchors come from, and the held-out split with its errors."""
+    """Target positions: the anchor candidates, the held-out split with its errors and the validation split."""
 
     num_target: int
     num_errors: int
     anchor_candidates: list[int]
     holdout: list[int]
     holdout_errors: list[int]
+    validation: list[int]
+
+
+class _BestStep:
+    """The step with the highest validation accuracy so far, the earliest on ties, and a copy of its weights."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.accuracy = -math.inf
+        self.weights: dict[str, Tensor] = {}
+
+    def offer(self, module: nn.Module, step: int, accuracy: float) -> None:
+        """Copy the module's weights as those of ``step`` if ``accuracy`` beats the best so far."""
+        if accuracy > self.accuracy:
+            self.step, self.accuracy, self.weights = step, accuracy, _snapshot(module)
 
 
 @dataclass
@@ -148,26 +199,34 @@ class DataRepairCallback(pl.Callback):
     The callback runs after ``fit`` (or at the end of training epoch ``at_epoch``), or whenever
     :meth:`repair` is called, for example on a loaded checkpoint. A run:
 
-    1. Predicts the target set and splits it, seeded, into an anchor part and a held-out part
-       (``holdout_fraction`` of it) that share no example. Anchor batches are drawn from the errors of
-       the anchor part. ``target_acc`` is the accuracy on the held-out errors (0 before the repair) and
-       ``holdout_acc`` the accuracy on the whole held-out part, so a repair that breaks correct
-       predictions shows up too.
+    1. Predicts the target set and splits it, seeded, into an anchor part, a held-out part
+       (``holdout_fraction`` of it) and, when ``validation_fraction`` is above 0, a validation part, which
+       share no example. Anchor batches are drawn from the errors of the anchor part. ``target_acc`` is
+       the accuracy on the held-out errors (0 before the repair) and ``holdout_acc`` the accuracy on the
+       whole held-out part, so a repair that breaks correct predictions shows up too.
+       ``validation_acc`` is the accuracy on the whole validation part. ``select_step="best_validation"``
+       chooses the step on it, so the held-out part stays a fair measure of that choice.
     2. Runs ``num_steps`` steps for each strategy, each from the same start weights and on the same
        anchor batches. A step samples ``anchor_batch_size`` anchors, picks ``num_examples`` update
        examples and takes one step of the callback's own optimizer on their mean loss. The strategies
        pick: "helpful", the most helpful pool examples for the anchors' mean loss (FastIF with kNN on the
        mean anchor feature over an index rebuilt from the current weights); "harmful", the most harmful
        ones; "random", a uniform sample of the pool; "anchors", the anchor batch itself.
-    3. After each step measures ``target_acc``, ``holdout_acc`` and ``source_acc``, logs them to the
-       trainer's loggers as ``repair/<strategy>/<metric>`` at the step (with ``repair/step``, because a
-       logger such as W&B may keep its own step), and appends a record to
-       ``<output_dir>/repair.jsonl``. A record also has the update loss, the anchor and update example
-       positions, the examples' scores and timings: ``seconds`` to choose and update, ``eval_seconds`` to
-       measure, and ``influence_seconds`` for FastIF's "knn", "ihvp" and "scores" stages.
-    4. Applies the policy to the first strategy's weights. "keep" keeps them, "restore" brings back the
-       start weights, and "restore_on_source_drop" restores when the source accuracy fell by more than
-       ``max_source_drop``. The other strategies' weights are always discarded.
+    3. After each step measures ``target_acc``, ``holdout_acc``, ``source_acc`` and ``validation_acc``
+       (None without a validation part), logs them to the trainer's loggers as
+       ``repair/<strategy>/<metric>`` at the step (with ``repair/step``, because a logger such as W&B may
+       keep its own step), and appends a record to ``<output_dir>/repair.jsonl``. A record also has the
+       update loss, the anchor and update example positions, the examples' scores and timings: ``seconds``
+       to choose and update, ``eval_seconds`` to measure, and ``influence_seconds`` for FastIF's "knn",
+       "ihvp" and "scores" stages.
+    4. Selects each strategy's step. "last" takes the weights after the last step. "best_validation"
+       sets the weights back to those of the step (0 to ``num_steps``, 0 being the start weights) with the
+       highest ``validation_acc``, the earliest step on ties. For this the run keeps a copy of the best
+       weights so far. The checkpoint, the policy and the weights the module keeps all use the selected step.
+    5. Applies the policy to the first strategy's selected weights. "keep" keeps them, "restore" brings
+       back the start weights, and "restore_on_source_drop" restores when the source accuracy at the
+       selected step is more than ``max_source_drop`` below the start. The other strategies' weights are
+       always discarded.
 
     Afterwards the module has the start weights bit for bit (every parameter and buffer) unless the
     policy kept the repaired ones. Train/eval modes, ``requires_grad`` flags, accumulated gradients and
@@ -202,12 +261,17 @@ class DataRepairCallback(pl.Callback):
         optimizer: The repair optimizer: "sgd" (plain SGD, as FastIF), "adam" or "adamw".
         update_in_train_mode: Take the update steps in train mode (dropout on); eval mode otherwise.
         holdout_fraction: Share of the target set held out for measuring, in (0, 1).
+        validation_fraction: Share of the target set split off for choosing the step, in [0, 1); 0 makes
+            no validation part. ``holdout_fraction + validation_fraction`` must be below 1, so that anchors
+            remain. With 0 the anchor and held-out parts are the same as without this option.
+        select_step: Which step's weights each strategy ends with: "last", or "best_validation" (the
+            highest ``validation_acc``, which needs ``validation_fraction`` above 0).
         policy: "keep", "restore_on_source_drop" or "restore".
         max_source_drop: Largest source-accuracy drop, as a fraction, that "restore_on_source_drop" keeps.
         num_labels: Number of label ids of the model, for checking the pool's ``labels``. Defaults to the
             backbone's ``config.num_labels``, the module's ``num_labels`` or its hyperparameter.
         at_epoch: Run at the end of this training epoch (0-based) instead of after ``fit``.
-        seed: Seed of the target split, the anchor batches, the "random" strategy and LiSSA's sampling.
+        seed: Seed of the target splits, the anchor batches, the "random" strategy and LiSSA's sampling.
         k: kNN candidates scored per anchor batch; None scores the whole pool. Capped at the pool size.
         damping: LiSSA damping.
         scale: LiSSA scale; must exceed the largest Hessian eigenvalue.
@@ -226,7 +290,8 @@ class DataRepairCallback(pl.Callback):
         progress: Show a progress bar over the steps.
 
     Raises:
-        ValueError: If a setting is out of range or a strategy, policy or optimizer is unknown.
+        ValueError: If a setting is out of range, a strategy, policy, optimizer or ``select_step`` is
+            unknown, or ``select_step="best_validation"`` comes without a validation part.
 
     Example:
         >>> callback = DataRepairCallback(strategies=["helpful", "random"], num_steps=5, lr=1e-4)
@@ -253,6 +318,8 @@ class DataRepairCallback(pl.Callback):
         optimizer: OptimizerName = "sgd",
         update_in_train_mode: bool = False,
         holdout_fraction: float = 0.5,
+        validation_fraction: float = 0.0,
+        select_step: SelectStep = "last",
         policy: Policy = "restore_on_source_drop",
         max_source_drop: float = 0.01,
         num_labels: int | None = None,
@@ -283,6 +350,7 @@ class DataRepairCallback(pl.Callback):
         ):
             _check_positive_int(name, value)
         _check_ranges(lr, holdout_fraction, max_source_drop, at_epoch, num_labels)
+        _check_validation(holdout_fraction, validation_fraction, select_step)
         _check_dataloader_indices(target_dataloader_idx, source_dataloader_idx)
         self.strategies: list[str] = _check_strategies(strategy, strategies)
         _check_choice("policy", policy, POLICIES)
@@ -321,6 +389,8 @@ class DataRepairCallback(pl.Callback):
         self.update_in_train_mode = update_in_train_mode
 
         self.holdout_fraction = holdout_fraction
+        self.validation_fraction = validation_fraction
+        self.select_step = select_step
         self.policy = policy
         self.max_source_drop = max_source_drop
         self.num_labels = num_labels
@@ -431,6 +501,8 @@ class DataRepairCallback(pl.Callback):
             holdout_indices=split.holdout,
             holdout_errors=split.holdout_errors,
             jsonl_path=jsonl_path,
+            validation_indices=split.validation,
+            select_step=self.select_step,
         )
         if writes_files:
             (output_dir / SUMMARY_NAME).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
@@ -449,10 +521,16 @@ class DataRepairCallback(pl.Callback):
         run: RepairRun,
         jsonl_path: Path,
     ) -> None:
-        """Take ``num_steps`` steps of ``run.strategy`` from the current weights, recording each into ``run``."""
+        """Take ``num_steps`` steps of ``run.strategy`` from the current weights, recording each into ``run``.
+
+        Sets ``run.selected_step`` and leaves the module with the weights of that step.
+        """
         strategy = run.strategy
         device = next(pl_module.parameters()).device
         optimizer = self._make_optimizer(pl_module)
+        best = _BestStep() if self.select_step == "best_validation" else None
+        if best is not None:
+            best.offer(pl_module, 0, run.history[0]["validation_acc"])
         anchor_generator = torch.Generator().manual_seed(self.seed)
         random_generator = torch.Generator().manual_seed(self.seed + 1)
         steps = tqdm(range(1, self.num_steps + 1), desc=f"Repair ({strategy})", disable=not self.progress)
@@ -471,6 +549,14 @@ class DataRepairCallback(pl.Callback):
             chosen["eval_seconds"] = time.perf_counter() - start
             self._record(trainer, run, metrics, chosen, jsonl_path, step=step)
             steps.set_postfix(target_acc=f"{metrics['target_acc']:.3f}")
+            if best is not None:
+                best.offer(pl_module, step, metrics["validation_acc"])
+        run.selected_step = self.num_steps
+        if best is not None:
+            # Every rank has rank zero's weights after each step and measures the same validation split,
+            # so every rank selects the same step.
+            _load_snapshot(pl_module, best.weights)
+            run.selected_step = best.step
 
     # Steps.
 
@@ -547,24 +633,30 @@ class DataRepairCallback(pl.Callback):
                 f"The model gets all {num_target} target examples right, so there is no error to repair. "
                 "Pass a target set on which the model makes mistakes."
             )
+        # The held-out split comes first in the seeded order and the validation split next, so a validation
+        # split takes its examples from the anchor split and leaves the held-out split as it is without one.
         order = torch.randperm(num_target, generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_holdout = min(num_target - 1, max(1, round(self.holdout_fraction * num_target)))
-        holdout, anchor_part = sorted(order[:num_holdout]), sorted(order[num_holdout:])
+        num_validation = self._num_validation(num_target, num_holdout)
+        holdout = sorted(order[:num_holdout])
+        validation = sorted(order[num_holdout : num_holdout + num_validation])
+        anchor_part = sorted(order[num_holdout + num_validation :])
         anchor_errors = [i for i in anchor_part if not correct[i]]
         anchor_candidates = anchor_part if self.anchors_from == "all" else anchor_errors
         holdout_errors = [i for i in holdout if not correct[i]]
+        lower = "holdout_fraction" if self.validation_fraction == 0 else "holdout_fraction or validation_fraction"
         if self.anchors_from == "all" and not anchor_errors:
             raise ValueError(
                 f"The anchor split of {len(anchor_part)} target examples contains none of the {num_errors} errors. "
-                f"Lower holdout_fraction={self.holdout_fraction} or pass a larger target set."
+                f"Lower {self._fractions(' or ')} or pass a larger target set."
             )
         if len(anchor_candidates) < self.anchor_batch_size:
             raise ValueError(
                 f"anchor_batch_size={self.anchor_batch_size} is larger than the {len(anchor_candidates)} target "
                 f"{'examples' if self.anchors_from == 'all' else 'errors'} available for anchors "
                 f"({num_errors} errors in {num_target} target examples, "
-                f"holdout_fraction={self.holdout_fraction}). Pass anchor_batch_size <= {len(anchor_candidates)}, "
-                "a lower holdout_fraction or a larger target set."
+                f"{self._fractions(', ')}). Pass anchor_batch_size <= {len(anchor_candidates)}, "
+                f"a lower {lower} or a larger target set."
             )
         if not holdout_errors:
             raise ValueError(
@@ -572,7 +664,31 @@ class DataRepairCallback(pl.Callback):
                 f"so target accuracy cannot be measured. Raise holdout_fraction={self.holdout_fraction} or pass "
                 "a larger target set."
             )
-        return _Split(num_target, num_errors, anchor_candidates, holdout, holdout_errors)
+        return _Split(num_target, num_errors, anchor_candidates, holdout, holdout_errors, validation)
+
+    def _num_validation(self, num_target: int, num_holdout: int) -> int:
+        """Return the size of the validation split, at least 1 when ``validation_fraction`` is above 0.
+
+        Raises ``ValueError`` when the held-out and validation splits leave no target example for anchors.
+        """
+        if self.validation_fraction == 0:
+            return 0
+        num_validation = max(1, round(self.validation_fraction * num_target))
+        if num_holdout + num_validation > num_target - 1:
+            raise ValueError(
+                f"The held-out split ({num_holdout} examples, holdout_fraction={self.holdout_fraction}) and the "
+                f"validation split ({num_validation} examples, validation_fraction={self.validation_fraction}) "
+                f"take all {num_target} target examples and leave none for anchors. Lower holdout_fraction or "
+                "validation_fraction, or pass a larger target set."
+            )
+        return num_validation
+
+    def _fractions(self, separator: str) -> str:
+        """Return the split settings for a message, such as ``holdout_fraction=0.5, validation_fraction=0.2``."""
+        settings = [f"holdout_fraction={self.holdout_fraction}"]
+        if self.validation_fraction != 0:
+            settings.append(f"validation_fraction={self.validation_fraction}")
+        return separator.join(settings)
 
     def _measure(self, module: FastIFMixin, data: _Data, split: _Split, device: torch.device) -> dict[str, Any]:
         holdout = _correct(module, data.target, split.holdout, data.collate, self.eval_batch_size, device)
@@ -582,7 +698,11 @@ class DataRepairCallback(pl.Callback):
             "target_acc": float(holdout[on_errors].float().mean()),
             "holdout_acc": float(holdout.float().mean()),
             "source_acc": None,
+            "validation_acc": None,
         }
+        if split.validation:
+            validation = _correct(module, data.target, split.validation, data.collate, self.eval_batch_size, device)
+            metrics["validation_acc"] = float(validation.float().mean())
         if data.source is not None:
             source = _correct(
                 module, data.source, range(_length(data.source)), data.collate, self.eval_batch_size, device
@@ -632,7 +752,7 @@ class DataRepairCallback(pl.Callback):
         if self.policy == "restore":
             return None, "policy 'restore'"
         # 0.0 - change, unlike -change, never formats as "-0.0000" when nothing changed.
-        drop = 0.0 - (run.change("source_acc") or 0.0)
+        drop = 0.0 - (run.selected_change("source_acc") or 0.0)
         if drop > self.max_source_drop:
             return None, f"source accuracy fell by {drop:.4f} > max_source_drop={self.max_source_drop}"
         return run.strategy, f"source accuracy fell by {drop:.4f} <= max_source_drop={self.max_source_drop}"
@@ -742,6 +862,26 @@ def _check_ranges(
         raise ValueError(f"`at_epoch` must be None (run after fit) or an epoch >= 0, but got {at_epoch}.")
     if num_labels is not None and num_labels < 1:
         raise ValueError(f"`num_labels` must be a positive integer or None, but got {num_labels}.")
+
+
+def _check_validation(holdout_fraction: float, validation_fraction: float, select_step: str) -> None:
+    _check_choice("select_step", select_step, SELECT_STEPS)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(
+            f"`validation_fraction` must be in [0, 1), but got {validation_fraction!r}. Pass 0 for no validation "
+            "split, or for example 0.2 to choose the repair step on a fifth of the target set."
+        )
+    if not holdout_fraction + validation_fraction < 1.0:
+        raise ValueError(
+            f"holdout_fraction={holdout_fraction} and validation_fraction={validation_fraction} add up to "
+            f"{holdout_fraction + validation_fraction:g}, which leaves no target examples for anchors. Lower one "
+            "of them so that their sum is below 1, for example holdout_fraction=0.4 and validation_fraction=0.2."
+        )
+    if select_step == "best_validation" and validation_fraction == 0.0:
+        raise ValueError(
+            "select_step='best_validation' chooses the step on a validation split, but validation_fraction=0 "
+            "makes none. Pass validation_fraction > 0 (for example 0.2), or select_step='last'."
+        )
 
 
 def _check_dataloader_indices(target_dataloader_idx: int | None, source_dataloader_idx: int | None) -> None:
@@ -909,17 +1049,30 @@ def _format_change(before: float | None, after: float | None) -> str:
 
 
 def _summary_table(result: RepairResult, callback: DataRepairCallback) -> str:
+    """Lay out each strategy's accuracies before and after the last step, and at the selected step."""
+    metrics = list(METRICS if result.validation_indices else METRICS[:-1])
+    validation = f", validation split of {len(result.validation_indices)}" if result.validation_indices else ""
     lines = [
         f"Data repair: {callback.num_steps} steps of {callback.optimizer} (lr {callback.lr:g}), "
         f"{callback.num_examples} examples a step, anchors from {len(result.anchor_candidates)} target "
         f"{'examples' if callback.anchors_from == 'all' else 'errors'} ({result.num_target_errors} errors in all), "
-        f"measured on {len(result.holdout_errors)} held-out errors.",
-        f"{'strategy':<9}  {'target_acc':<14}  {'holdout_acc':<14}  {'source_acc':<14}",
+        f"measured on {len(result.holdout_errors)} held-out errors{validation}.",
+        "  ".join([f"{'strategy':<9}"] + [f"{key:<14}" for key in metrics]),
     ]
     for name, run in result.runs.items():
         first, last = run.history[0], run.history[-1]
-        cells = [_format_change(first[key], last[key]) for key in ("target_acc", "holdout_acc", "source_acc")]
-        lines.append(f"{name:<9}  {cells[0]:<14}  {cells[1]:<14}  {cells[2]:<14}")
+        cells = [f"{_format_change(first[key], last[key]):<14}" for key in metrics]
+        lines.append("  ".join([f"{name:<9}"] + cells))
+    if result.select_step == "best_validation":
+        lines.append(
+            "At the selected steps, those with the highest validation_acc (the earliest on ties), whose weights "
+            "the checkpoints and the policy use:"
+        )
+        lines.append("  ".join([f"{'strategy':<9}", f"{'step':<4}"] + [f"{key:<14}" for key in metrics]))
+        for name, run in result.runs.items():
+            step = run._selected_index()
+            cells = [f"{_format_change(run.history[0][key], run.history[step][key]):<14}" for key in metrics]
+            lines.append("  ".join([f"{name:<9}", f"{step:<4}"] + cells))
     kept = f"kept the {result.kept_strategy!r} weights" if result.kept_strategy else "restored the start weights"
     lines.append(f"The module {kept} ({result.decision}). Records: {result.jsonl_path}")
     return "\n".join(lines)

@@ -7,9 +7,12 @@ the counter-examples (spurious feature flipped) wrong, so they are the target er
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
+import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,7 @@ RECORD_KEYS = {
     "target_acc",
     "holdout_acc",
     "source_acc",
+    "validation_acc",
     "update_loss",
     "anchor_indices",
     "example_indices",
@@ -353,6 +357,188 @@ def test_restore_on_source_drop(task: Task, model: SpuriousMLP, tmp_path: Path) 
     assert not torch.equal(model.head.weight, start["param:head.weight"])
 
 
+# Choosing the step on a validation split.
+
+# With lr=REPAIR_LR, validation_fraction=VALIDATION_FRACTION and 10 steps from the module-scoped
+# trained model, "helpful" reached its highest validation accuracy (0.925) at steps 5 to 9, so
+# "best_validation" selects step 5. "anchors" peaked at step 3 (0.85) while its source accuracy fell
+# from 1.0 to 0.87 by step 3 and to 0.245 by step 10. "random" changed no validation prediction, so
+# every step ties and step 0 is selected.
+VALIDATION_FRACTION = 0.2
+
+
+def test_validation_split_is_disjoint(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    plain = repair_callback(task, tmp_path, strategy="anchors", num_steps=1, anchors_from="all")
+    without = plain.repair(quiet_trainer(), copy.deepcopy(model))
+    callback = repair_callback(
+        task, tmp_path, strategy="anchors", num_steps=1, anchors_from="all", validation_fraction=VALIDATION_FRACTION
+    )
+    result = callback.repair(quiet_trainer(), model)
+
+    validation, holdout, anchors = (
+        set(result.validation_indices),
+        set(result.holdout_indices),
+        set(result.anchor_candidates),
+    )
+    assert len(validation) == round(VALIDATION_FRACTION * len(task.target))
+    assert not validation & holdout
+    assert not validation & anchors
+    assert not holdout & anchors
+    assert validation | holdout | anchors == set(range(len(task.target)))
+    # Adding a validation split takes its examples from the anchor split and leaves the held-out split as it was.
+    assert result.holdout_indices == without.holdout_indices
+    assert anchors == set(without.anchor_candidates) - validation
+    drawn = [i for record in result.runs["anchors"].history[1:] for i in record["anchor_indices"]]
+    assert not set(drawn) & validation
+
+
+def test_zero_validation_fraction_keeps_split(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    seed = 3
+    callback = repair_callback(
+        task, tmp_path, strategy="anchors", num_steps=2, anchors_from="all", validation_fraction=0.0, seed=seed
+    )
+    result = callback.repair(quiet_trainer(), model)
+
+    # Without a validation split the first holdout_fraction of the seeded order is held out, and the rest
+    # supplies the anchors.
+    order = torch.randperm(len(task.target), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_holdout = round(callback.holdout_fraction * len(task.target))
+    assert result.holdout_indices == sorted(order[:num_holdout])
+    assert result.anchor_candidates == sorted(order[num_holdout:])
+    assert result.validation_indices == []
+    assert all(record["validation_acc"] is None for record in result.runs["anchors"].history)
+    assert result.runs["anchors"].selected_step == 2
+
+
+def test_best_validation_keeps_selected_weights(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    start = copy.deepcopy(model)
+    callback = repair_callback(
+        task,
+        tmp_path / "best",
+        strategy="helpful",
+        validation_fraction=VALIDATION_FRACTION,
+        select_step="best_validation",
+        policy="keep",
+        save_checkpoint=True,
+    )
+    run = callback.repair(quiet_trainer(), model).runs["helpful"]
+
+    accuracies = [record["validation_acc"] for record in run.history]
+    selected = run.selected_step
+    assert len(run.history) == REPAIR_STEPS + 1  # every step still runs
+    assert selected == accuracies.index(max(accuracies))
+    assert 0 < selected < REPAIR_STEPS, accuracies  # step 5 with these settings
+    assert accuracies[selected + 1] == accuracies[selected], accuracies  # a tie, resolved to the earlier step
+    checkpoint = torch.load(run.checkpoint_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint[name]), name
+
+    # The same run stopped at the selected step must end with the same weights, bit for bit.
+    shorter = repair_callback(
+        task,
+        tmp_path / "last",
+        strategy="helpful",
+        validation_fraction=VALIDATION_FRACTION,
+        num_steps=selected,
+        select_step="last",
+        policy="keep",
+    )
+    rerun = shorter.repair(quiet_trainer(), start).runs["helpful"]
+    assert rerun.selected_step == selected
+    for key in ("step", "validation_acc", "holdout_acc", "anchor_indices", "example_indices"):
+        assert [r[key] for r in rerun.history] == [r[key] for r in run.history[: selected + 1]], key
+    assert_same_tensors(model, tensors_of(start))
+
+
+def test_best_validation_ties_select_start(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    start = tensors_of(model)
+    callback = repair_callback(
+        task,
+        tmp_path,
+        strategy="random",
+        validation_fraction=VALIDATION_FRACTION,
+        select_step="best_validation",
+        policy="keep",
+    )
+    result = callback.repair(quiet_trainer(), model)
+
+    run = result.runs["random"]
+    assert len({record["validation_acc"] for record in run.history}) == 1
+    assert run.selected_step == 0
+    assert result.kept_strategy == "random"
+    assert_same_tensors(model, start)
+    assert run.selected_change("holdout_acc") == 0.0
+
+
+def test_source_drop_policy_uses_selected_step(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    start = tensors_of(model)
+    last_model = copy.deepcopy(model)
+    options: dict[str, Any] = {
+        "strategy": "anchors",
+        "validation_fraction": VALIDATION_FRACTION,
+        "policy": "restore_on_source_drop",
+        "max_source_drop": 0.2,
+    }
+    best = repair_callback(task, tmp_path, select_step="best_validation", **options).repair(quiet_trainer(), model)
+    best_run = best.runs["anchors"]
+    last = repair_callback(task, tmp_path, select_step="last", **options).repair(quiet_trainer(), last_model)
+
+    # The source accuracy fell by at most 0.2 up to the selected step (3) and by more after the last one.
+    assert best_run.selected_step == 3
+    assert -best_run.selected_change("source_acc") <= 0.2
+    assert -best_run.change("source_acc") > 0.2
+    assert best.kept_strategy == "anchors"
+    assert f"fell by {-best_run.selected_change('source_acc'):.4f} <=" in best.decision
+    assert not torch.equal(model.head.weight, start["param:head.weight"])
+    assert last.kept_strategy is None
+    assert_same_tensors(last_model, start)
+
+
+def test_summary_records_validation_and_step(
+    task: Task, model: SpuriousMLP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = CSVLogger(tmp_path, name="logs")
+    callback = repair_callback(
+        task,
+        tmp_path,
+        strategies=["anchors", "random"],
+        validation_fraction=VALIDATION_FRACTION,
+        select_step="best_validation",
+    )
+    with caplog.at_level(logging.INFO):
+        result = callback.repair(quiet_trainer(logger=logger), model)
+
+    records = read_jsonl(result.jsonl_path)
+    assert all(set(record) == RECORD_KEYS for record in records)
+    summary = json.loads((result.jsonl_path.parent / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert summary["select_step"] == "best_validation"
+    assert summary["num_validation"] == len(result.validation_indices) == 40
+    for strategy, expected_step in (("anchors", 3), ("random", 0)):
+        run = summary["runs"][strategy]
+        steps = [r["validation_acc"] for r in records if r["strategy"] == strategy]
+        assert len(steps) == REPAIR_STEPS + 1
+        assert all(isinstance(value, float) for value in steps)
+        assert run["validation_acc"]["steps"] == steps
+        assert run["selected_step"] == result.runs[strategy].selected_step == expected_step
+        for metric in ("target_acc", "holdout_acc", "source_acc", "validation_acc"):
+            history = [r[metric] for r in records if r["strategy"] == strategy]
+            assert run[metric]["selected"] == history[expected_step], metric
+            assert run[metric]["after"] == history[-1], metric
+            assert run[metric]["before"] == history[0], metric
+
+    with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for strategy in ("anchors", "random"):
+        key = f"repair/{strategy}/validation_acc"
+        logged = {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+        history = result.runs[strategy].history
+        assert logged == pytest.approx({r["step"]: r["validation_acc"] for r in history}), key
+
+    assert "At the selected steps, those with the highest validation_acc" in caplog.text
+    assert re.search(r"^anchors +3 ", caplog.text, flags=re.MULTILINE), caplog.text
+    assert re.search(r"^random +0 ", caplog.text, flags=re.MULTILINE), caplog.text
+
+
 # Running inside fit, and what it writes.
 
 
@@ -485,6 +671,17 @@ def test_built_from_yaml() -> None:
     assert callback.config.depth == 1000  # FastIF's default
 
 
+def test_step_selection_from_yaml() -> None:
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DataRepairCallback, "repair")
+    config = parser.parse_string("repair:\n  validation_fraction: 0.25\n  select_step: best_validation\n")
+    callback = parser.instantiate_classes(config).repair
+    assert callback.validation_fraction == 0.25
+    assert callback.select_step == "best_validation"
+    with pytest.raises(argparse.ArgumentError, match="Expected a typing.Literal\\['last', 'best_validation'\\]"):
+        parser.parse_string("repair:\n  validation_fraction: 0.25\n  select_step: first\n")
+
+
 def test_repair_yaml_parses() -> None:
     from pytorch_lightning.cli import LightningCLI
 
@@ -533,6 +730,8 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         eval_batch_size=8,
         output_dir=str(repair_dir),
         progress=False,
+        validation_fraction=0.25,
+        select_step="best_validation",
     )
     result = run_fit(config, tmp_path)
 
@@ -542,8 +741,14 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
     assert all(r["source_acc"] is not None for r in records)
     assert all(len(r["example_indices"]) == 2 for r in records if r["step"] > 0)
     assert max(i for r in records for i in r["example_indices"]) < 40  # the pool is the training set
+    assert all(isinstance(r["validation_acc"], float) for r in records)
     summary = json.loads((repair_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
     assert summary["num_target"] == 40
+    assert summary["num_validation"] == 10
+    assert summary["select_step"] == "best_validation"
+    for strategy in ("helpful", "random"):
+        accuracies = summary["runs"][strategy]["validation_acc"]["steps"]
+        assert summary["runs"][strategy]["selected_step"] == accuracies.index(max(accuracies))
     assert (repair_dir / "repaired_helpful.pt").is_file()
     assert (repair_dir / "repaired_random.pt").is_file()
     (metrics_path,) = run_dir.glob("lightning_logs/version_*/metrics.csv")
@@ -551,6 +756,7 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert any(row.get("repair/helpful/target_acc") for row in rows)
     assert any(row.get("repair/random/source_acc") for row in rows)
+    assert any(row.get("repair/helpful/validation_acc") for row in rows)
 
 
 # Bad input.
@@ -571,6 +777,18 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         ({"optimizer": "lbfgs"}, "Unknown optimizer 'lbfgs'"),
         ({"anchors_from": "correct"}, "Unknown anchors_from 'correct'"),
         ({"k": 0}, "`k` must be a positive integer or None"),
+        ({"select_step": "first"}, "Unknown select_step 'first'"),
+        ({"validation_fraction": -0.1}, r"`validation_fraction` must be in \[0, 1\), but got -0.1"),
+        (
+            {"holdout_fraction": 0.5, "validation_fraction": 0.5},
+            "holdout_fraction=0.5 and validation_fraction=0.5 add up to 1, which leaves no target examples for "
+            "anchors. Lower one of them",
+        ),
+        (
+            {"select_step": "best_validation"},
+            "select_step='best_validation' chooses the step on a validation split, but validation_fraction=0 "
+            r"makes none. Pass validation_fraction > 0",
+        ),
     ],
 )
 def test_invalid_settings_raise(kwargs: dict[str, Any], match: str) -> None:
@@ -603,6 +821,21 @@ def test_anchors_from_all_without_anchor_errors_raises(task: Task, model: Spurio
     seed = next(s for s in range(100) if 0 in torch.randperm(20, generator=torch.Generator().manual_seed(s))[:10])
     callback = repair_callback(task, tmp_path, target_dataset=target, anchors_from="all", seed=seed)
     with pytest.raises(ValueError, match="The anchor split of 10 target examples contains none of the 1 errors"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_splits_without_anchors_raise(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    # Three target errors: rounding gives the held-out split 2 examples (1.5) and the validation split 1 (1.2),
+    # although the fractions add up to less than 1.
+    target = [task.target[i] for i in sorted(task.target.counter)[:3]]
+    callback = repair_callback(
+        task, tmp_path, target_dataset=target, holdout_fraction=0.5, validation_fraction=0.4, anchor_batch_size=1
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"The held-out split \(2 examples, holdout_fraction=0.5\) and the validation split \(1 examples, "
+        r"validation_fraction=0.4\) take all 3 target examples and leave none for anchors",
+    ):
         callback.repair(quiet_trainer(), model)
 
 
