@@ -34,6 +34,13 @@ QueryMode = Literal["each", "mean"]
 # Queries that share one LiSSA solve. The solve keeps several [Q, P] tensors in memory, so the cap bounds
 # them at a few rows (a row of P = 22.7M float32 parameters is 91 MB) while keeping most of the saving.
 SHARED_SOLVE_QUERIES = 8
+# Above LARGE_MODEL_PARAMETERS differentiated parameters, a solve shares at most LARGE_MODEL_SOLVE_QUERIES rows.
+# NOTE: both values come from two models only (benchmarks/shared_solve_rows.py and docs/benchmarks.md). On
+# MiniLM (P = 3.7M, LiSSA batch size 1) a step cost 0.104 s per row alone, 0.094 for 2 rows and 0.117 for
+# 4 or 8. On a 20-parameter model, sharing up to 8 rows (with hvps' one graph per batch) took 10 queries
+# from 6.22 to 1.82 s.
+LARGE_MODEL_PARAMETERS = 1_000_000
+LARGE_MODEL_SOLVE_QUERIES = 2
 
 
 @dataclass(frozen=True)
@@ -284,13 +291,24 @@ class FastIF:
             groups = [(query_batch, ids)]
         elif mode != "each":
             raise ValueError(f"`mode` must be 'each' or 'mean', but got {mode!r}.")
-        # Under a process group that splits the query rows, each rank solves up to SHARED_SOLVE_QUERIES rows.
+        # Under a process group that splits the query rows, each rank solves up to rows_per_solve rows.
         _, query_groups = self.computer.lissa_grid(len(groups))
-        chunk = SHARED_SOLVE_QUERIES * query_groups
+        chunk = self.rows_per_solve() * query_groups
         results: list[QueryInfluence] = []
         for start in range(0, len(groups), chunk):
             results += self._explain_groups(groups[start : start + chunk], progress=progress)
         return results
+
+    def rows_per_solve(self) -> int:
+        """Return how many query rows one LiSSA solve of :meth:`explain` shares, per process.
+
+        Small models share up to ``SHARED_SOLVE_QUERIES`` rows, because a step's fixed cost dominates. Above
+        ``LARGE_MODEL_PARAMETERS`` parameters each row's second backward pass dominates, and sharing more
+        than ``LARGE_MODEL_SOLVE_QUERIES`` rows made a step cost more per row than solving alone.
+        """
+        if self.computer.selection.numel > LARGE_MODEL_PARAMETERS:
+            return min(SHARED_SOLVE_QUERIES, LARGE_MODEL_SOLVE_QUERIES)
+        return SHARED_SOLVE_QUERIES
 
     def _explain_groups(self, groups: list[tuple[Any, Tensor]], *, progress: bool) -> list[QueryInfluence]:
         """Run the kNN search and the scoring per query, and one LiSSA solve for all queries together.
@@ -299,7 +317,7 @@ class FastIF:
         draws the same seeded batches for every row, so each query's ``s_test`` equals a solve of
         that query alone. Sharing the solve draws each training batch and its first-order graph once per
         step instead of once per query. Each result's "ihvp" timing is the shared solve's seconds over Q.
-        The caller passes at most ``SHARED_SOLVE_QUERIES`` queries per query group of
+        The caller passes at most :meth:`rows_per_solve` queries per query group of
         :meth:`InfluenceComputer.lissa_grid`, which bounds the ``[Q, P]`` tensors of each rank's solve.
         """
         knn_seconds, candidates = [], []

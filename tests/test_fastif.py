@@ -75,6 +75,26 @@ def test_shared_solve_chunks_match(monkeypatch):
         assert torch.equal(result.scores, expected.scores)
 
 
+def test_large_model_shares_fewer_rows(monkeypatch):
+    model = tiny_bert().double()
+    fastif = make_fastif(model, token_items(24), k=8)
+    assert fastif.rows_per_solve() == lightning_fastif.fastif.SHARED_SOLVE_QUERIES
+    # Make the tiny model count as large, so each solve shares at most LARGE_MODEL_SOLVE_QUERIES rows.
+    monkeypatch.setattr(lightning_fastif.fastif, "LARGE_MODEL_PARAMETERS", 0)
+    assert fastif.rows_per_solve() == lightning_fastif.fastif.LARGE_MODEL_SOLVE_QUERIES == 2
+    solve_sizes = []
+    solve = fastif.computer.ihvp
+
+    def counting_solve(query_gradients):
+        solve_sizes.append(len(query_gradients))
+        return solve(query_gradients)
+
+    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
+    results = fastif.explain(default_collate(token_items(5, seed=1)), mode="each")
+    assert solve_sizes == [2, 2, 1]
+    assert len(results) == 5
+
+
 def test_k_none_scores_every_example_in_order():
     model = tiny_bert().double()
     train = token_items(10)
