@@ -26,6 +26,19 @@ def make_fastif(model, train, **config):
     )
 
 
+def record_solve_sizes(monkeypatch, fastif):
+    """Return a list that collects the number of query rows of each LiSSA solve of ``fastif``."""
+    solve_sizes = []
+    solve = fastif.computer.ihvp
+
+    def counting_solve(query_gradients):
+        solve_sizes.append(len(query_gradients))
+        return solve(query_gradients)
+
+    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
+    return solve_sizes
+
+
 def test_k_equal_n_matches_full_computation():
     model = tiny_bert().double()
     train = token_items(24)
@@ -59,14 +72,7 @@ def test_shared_solve_chunks_match(monkeypatch):
     query = default_collate(token_items(3, seed=1))
     whole = fastif.explain(query, mode="each")
     monkeypatch.setattr(lightning_fastif.fastif, "SHARED_SOLVE_QUERIES", 2)
-    solve_sizes = []
-    solve = fastif.computer.ihvp
-
-    def counting_solve(query_gradients):
-        solve_sizes.append(len(query_gradients))
-        return solve(query_gradients)
-
-    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
+    solve_sizes = record_solve_sizes(monkeypatch, fastif)
     chunked = fastif.explain(query, mode="each")
     assert solve_sizes == [2, 1]
     assert len(chunked) == 3
@@ -82,14 +88,7 @@ def test_large_model_shares_fewer_rows(monkeypatch):
     # Make the tiny model count as large, so each solve shares at most LARGE_MODEL_SOLVE_QUERIES rows.
     monkeypatch.setattr(lightning_fastif.fastif, "LARGE_MODEL_PARAMETERS", 0)
     assert fastif.rows_per_solve() == lightning_fastif.fastif.LARGE_MODEL_SOLVE_QUERIES == 2
-    solve_sizes = []
-    solve = fastif.computer.ihvp
-
-    def counting_solve(query_gradients):
-        solve_sizes.append(len(query_gradients))
-        return solve(query_gradients)
-
-    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
+    solve_sizes = record_solve_sizes(monkeypatch, fastif)
     results = fastif.explain(default_collate(token_items(5, seed=1)), mode="each")
     assert solve_sizes == [2, 2, 1]
     assert len(results) == 5
