@@ -81,13 +81,14 @@ class RepairRun:
 
     def selected_change(self, name: str) -> float | None:
         """Return the change of metric ``name`` from step 0 to ``selected_step``, None when it is not measured."""
-        return self._change(name, self._selected_index())
+        return self._change(name, self.selected_index())
 
     def _change(self, name: str, step: int) -> float | None:
         before, after = self.metric(name, 0), self.metric(name, step)
         return None if before is None or after is None else after - before
 
-    def _selected_index(self) -> int:
+    def selected_index(self) -> int:
+        """Return the history index of the selected step, the last record when no step was selected."""
         return len(self.history) - 1 if self.selected_step is None else self.selected_step
 
 
@@ -132,7 +133,7 @@ class RepairResult:
         """
         runs: dict[str, dict[str, Any]] = {}
         for name, run in self.runs.items():
-            selected_step = run._selected_index()
+            selected_step = run.selected_index()
             first, last, selected = run.history[0], run.history[-1], run.history[selected_step]
             runs[name] = {
                 key: {
@@ -1070,7 +1071,7 @@ def _summary_table(result: RepairResult, callback: DataRepairCallback) -> str:
         )
         lines.append("  ".join([f"{'strategy':<9}", f"{'step':<4}"] + [f"{key:<14}" for key in metrics]))
         for name, run in result.runs.items():
-            step = run._selected_index()
+            step = run.selected_index()
             cells = [f"{_format_change(run.history[0][key], run.history[step][key]):<14}" for key in metrics]
             lines.append("  ".join([f"{name:<9}", f"{step:<4}"] + cells))
     kept = f"kept the {result.kept_strategy!r} weights" if result.kept_strategy else "restored the start weights"
