@@ -311,7 +311,7 @@ class FastIF:
         return SHARED_SOLVE_QUERIES
 
     def _explain_groups(self, groups: list[tuple[Any, Tensor]], *, progress: bool) -> list[QueryInfluence]:
-        """Run the kNN search and the scoring per query, and one LiSSA solve for all queries together.
+        """Run the kNN search per query, one LiSSA solve for all queries together, then score all of them.
 
         The solve takes every query gradient as one row of ``[Q, P]``. LiSSA treats rows independently and
         draws the same seeded batches for every row, so each query's ``s_test`` equals a solve of
@@ -319,6 +319,8 @@ class FastIF:
         step instead of once per query. Each result's "ihvp" timing is the shared solve's seconds over Q.
         The caller passes at most :meth:`rows_per_solve` queries per query group of
         :meth:`InfluenceComputer.lissa_grid`, which bounds the ``[Q, P]`` tensors of each rank's solve.
+        Under a process group the scores of all queries come back in one exchange
+        (:meth:`InfluenceComputer.row_scores`).
         """
         knn_seconds, candidates = [], []
         bar = tqdm(groups, desc="FastIF kNN", disable=not progress or len(groups) == 1)
@@ -339,12 +341,12 @@ class FastIF:
             self.computer.solver = configured
         ihvp_seconds = (time.perf_counter() - start) / len(groups)
 
+        # One exchange for all queries' scores: under a process group, each rank scores its share of every
+        # query's candidates.
+        scores, score_seconds = self.computer.row_scores(s_tests, [c.tolist() for c in candidates], progress=progress)
         results = []
-        bar = tqdm(groups, desc="FastIF scoring", disable=not progress or len(groups) == 1)
-        for row, (_, query_ids) in enumerate(bar):
-            start = time.perf_counter()
-            scores = self.computer.scores(s_tests[row : row + 1], candidates[row].tolist(), progress=progress)[0]
-            timings = {"knn": knn_seconds[row], "ihvp": ihvp_seconds, "scores": time.perf_counter() - start}
-            top = top_influences(scores, self.config.top_k, candidates[row])
-            results.append(QueryInfluence(query_ids, candidates[row], scores.detach().cpu(), top, timings))
+        for row, (_, query_ids) in enumerate(groups):
+            timings = {"knn": knn_seconds[row], "ihvp": ihvp_seconds, "scores": score_seconds[row]}
+            top = top_influences(scores[row], self.config.top_k, candidates[row])
+            results.append(QueryInfluence(query_ids, candidates[row], scores[row].detach().cpu(), top, timings))
         return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -194,6 +195,56 @@ class InfluenceComputer:
         if divide_by_train_size:
             scores = scores / len(self.train)
         return scores
+
+    def row_scores(
+        self, ihvps: Tensor, candidates: Sequence[Sequence[int]], *, progress: bool = False
+    ) -> tuple[list[Tensor], list[float]]:
+        """Score each ``s_test`` row against its own candidates, with one exchange for all rows.
+
+        Row ``q`` of ``ihvps`` is scored on the training positions ``candidates[q]``, as
+        ``scores(ihvps[q : q + 1], candidates[q])`` would. Under a process group each rank scores its
+        share of every row's candidates and a single all-gather collects them all, where a call of
+        :meth:`scores` per row would exchange once per row.
+
+        Args:
+            ihvps: ``s_test`` vectors, shape ``[Q, P]``.
+            candidates: One list of dataset positions per row, ``Q`` lists.
+            progress: Show progress bars over the rows and each row's candidates.
+
+        Returns:
+            Each row's scores, shape ``[len(candidates[q])]``, and each row's seconds: its own scoring
+            plus an equal part of the exchange.
+        """
+        if ihvps.dim() != 2 or ihvps.shape[0] != len(candidates):
+            raise ValueError(
+                f"`ihvps` must have one row per candidate list, [{len(candidates)}, P], got {tuple(ihvps.shape)}."
+            )
+        if not candidates:
+            return [], []
+        rank, world_size = rank_and_world()
+        local, seconds, row_sizes = [], [], []
+        rows = tqdm(candidates, desc="FastIF scoring", disable=not progress or rank != 0 or len(candidates) == 1)
+        for row, positions in enumerate(rows):
+            positions = [int(i) for i in positions]
+            shares = [share(len(positions), r, world_size) for r in range(world_size)]
+            start, stop = shares[rank]
+            begin = time.perf_counter()
+            local.append(self._score_positions(ihvps[row : row + 1], positions[start:stop], progress=progress and rank == 0)[0])
+            seconds.append(time.perf_counter() - begin)
+            row_sizes.append([b - a for a, b in shares])
+        begin = time.perf_counter()
+        # The gathered vector holds rank 0's share of every row, then rank 1's, and so on.
+        rank_sizes = [sum(sizes[r] for sizes in row_sizes) for r in range(world_size)]
+        pieces = list(all_gather_columns(torch.cat(local)[None], rank_sizes)[0].split(rank_sizes))
+        exchange = (time.perf_counter() - begin) / len(candidates)
+        results = []
+        for sizes in row_sizes:
+            parts = []
+            for r, size in enumerate(sizes):
+                parts.append(pieces[r][:size])
+                pieces[r] = pieces[r][size:]
+            results.append(torch.cat(parts))
+        return results, [value + exchange for value in seconds]
 
     def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
         chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]

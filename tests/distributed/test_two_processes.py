@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -217,19 +218,28 @@ def fastif_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> 
 
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    rows = []
+    import lightning_fastif.influence
+
+    rows, gathers = [], []
     one_repeat = LiSSASolver._one_repeat
+    gather = lightning_fastif.influence.all_gather_columns
 
     def record_repeat(self, loss, train, vectors, repeat, bar):
         rows.append(len(vectors))
         return one_repeat(self, loss, train, vectors, repeat, bar)
 
+    def record_gather(local, sizes):
+        gathers.append(sum(sizes))
+        return gather(local, sizes)
+
     LiSSASolver._one_repeat = record_repeat
+    lightning_fastif.influence.all_gather_columns = record_gather
     lightning_fastif.fastif.SHARED_SOLVE_QUERIES = 2
     try:
         torch.set_num_threads(1)
         candidates, scores = explain_five_queries()
-        torch.save({"candidates": candidates, "scores": scores, "rows": rows}, f"{out_dir}/rank{rank}.pt")
+        saved = {"candidates": candidates, "scores": scores, "rows": rows, "gathers": gathers}
+        torch.save(saved, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -245,3 +255,49 @@ def test_fastif_explain_splits_queries(tmp_path):
         torch.testing.assert_close(result["scores"], scores, rtol=RTOL, atol=0)
     assert first["rows"] == [2, 1]
     assert second["rows"] == [2]
+    # One exchange of scores per chunk, carrying all of its queries' k=8 candidates: 4 x 8, then 1 x 8.
+    assert first["gathers"] == second["gathers"] == [32, 8]
+
+
+CANDIDATE_LISTS = [[4, 9, 1, 30, 22], [7], [], [0, 1, 2, 3, 5, 6, 8]]
+
+
+def scores_per_row():
+    problem = logistic_problem(n=50)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
+    ihvps = computer.ihvp(computer.query_gradients((problem.x[:4], problem.y[:4]), mode="each"))
+    rows, seconds = computer.row_scores(ihvps, CANDIDATE_LISTS)
+    assert len(seconds) == len(rows) and all(value >= 0 for value in seconds)
+    return ihvps, rows
+
+
+def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        _, rows = scores_per_row()
+        torch.save(rows, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_scores_match_scores_per_row(tmp_path):
+    # Lists of unequal length, one empty: two processes and one give what `scores` gives row by row.
+    mp.spawn(row_scores_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ihvps, rows = scores_per_row()
+    problem = logistic_problem(n=50)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
+    for row, positions in enumerate(CANDIDATE_LISTS):
+        expected = computer.scores(ihvps[row : row + 1], positions)[0]
+        assert rows[row].shape == (len(positions),)
+        torch.testing.assert_close(rows[row], expected, rtol=0, atol=0)
+        for rank in range(2):
+            torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[row], expected, rtol=RTOL, atol=0)
+
+
+def test_row_scores_rejects_mismatched_rows():
+    problem = logistic_problem(n=10)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver="exact")
+    with pytest.raises(ValueError, match=r"one row per candidate list, \[3, P\], got \(2, 3\)"):
+        computer.row_scores(torch.zeros(2, 3), [[0], [1], [2]])
