@@ -229,7 +229,8 @@ class InfluenceComputer:
             shares = [share(len(positions), r, world_size) for r in range(world_size)]
             start, stop = shares[rank]
             begin = time.perf_counter()
-            local.append(self._score_positions(ihvps[row : row + 1], positions[start:stop], progress=progress and rank == 0)[0])
+            row_progress = progress and rank == 0
+            local.append(self._score_positions(ihvps[row : row + 1], positions[start:stop], progress=row_progress)[0])
             seconds.append(time.perf_counter() - begin)
             row_sizes.append([b - a for a, b in shares])
         begin = time.perf_counter()
