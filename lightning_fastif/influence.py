@@ -234,7 +234,7 @@ class InfluenceComputer:
             seconds.append(time.perf_counter() - begin)
             row_sizes.append([b - a for a, b in shares])
         begin = time.perf_counter()
-        # The gathered vector holds rank 0's share of every row, then rank 1's, and so on.
+        # The gathered vector contains rank 0's share of every row, then rank 1's, and so on.
         rank_sizes = [sum(sizes[r] for sizes in row_sizes) for r in range(world_size)]
         pieces = list(all_gather_columns(torch.cat(local)[None], rank_sizes)[0].split(rank_sizes))
         exchange = (time.perf_counter() - begin) / len(candidates)
