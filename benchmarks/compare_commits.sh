@@ -14,6 +14,10 @@ fi
 commit=$1 pairs=$2 prefix=$3
 shift 3
 root=$(pwd)
+case "$prefix" in
+    /*) ;;
+    *) prefix="$root/$prefix" ;;
+esac
 worktree=$(mktemp -d)
 git worktree add --quiet --detach "$worktree" "$commit"
 trap 'git worktree remove --force "$worktree"' EXIT
@@ -22,7 +26,7 @@ export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOK
 echo "load before: $(uptime)"
 for i in $(seq 1 "$pairs"); do
     python benchmarks/peers.py "$@" --out-dir "${prefix}_new_$i" > "${prefix}_new_$i.log" 2>&1
-    (cd "$worktree" && PYTHONPATH="$worktree" python benchmarks/peers.py "$@" --out-dir "$root/${prefix}_old_$i") \
+    (cd "$worktree" && PYTHONPATH="$worktree" python benchmarks/peers.py "$@" --out-dir "${prefix}_old_$i") \
         > "${prefix}_old_$i.log" 2>&1
 done
 echo "load after: $(uptime)"
