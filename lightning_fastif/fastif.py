@@ -341,8 +341,8 @@ class FastIF:
             self.computer.solver = configured
         ihvp_seconds = (time.perf_counter() - start) / len(groups)
 
-        # One exchange for all queries' scores: under a process group, each rank scores its share of every
-        # query's candidates.
+        # Under a process group each rank scores its share of every query's candidates, and one exchange
+        # gathers the scores of all queries.
         scores, score_seconds = self.computer.row_scores(s_tests, [c.tolist() for c in candidates], progress=progress)
         results = []
         for row, (_, query_ids) in enumerate(groups):

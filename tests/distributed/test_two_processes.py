@@ -283,7 +283,7 @@ def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str)
 
 
 def test_row_scores_match_scores_per_row(tmp_path):
-    # Lists of unequal length, one empty: two processes and one give what `scores` gives row by row.
+    # Lists of unequal length, one of them empty. Two processes and one give what `scores` gives row by row.
     mp.spawn(row_scores_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ihvps, rows = scores_per_row()
     problem = logistic_problem(n=50)
