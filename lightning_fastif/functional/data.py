@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from lightning_fastif.functional.batches import move_batch
 
@@ -49,9 +49,23 @@ class TrainingSet:
         return len(self.indices)
 
     def batch(self, positions: Sequence[int]) -> Any:
-        """Collate the items at the given dataset positions into one batch on the target device."""
-        items = [self.dataset[i] for i in positions]
-        return move_batch(self.collate_fn(items), self.device, self.dtype)
+        """Collate the items at the given dataset positions into one batch on the target device.
+
+        A plain ``TensorDataset`` with the default collate function is indexed with all positions at once,
+        which gives the list that ``default_collate`` builds from its items, without a Python call per item.
+        """
+        if self._indexes_tensors:
+            index = torch.as_tensor(list(positions), dtype=torch.long)
+            collated: Any = [tensor[index] for tensor in self.dataset.tensors]  # type: ignore[attr-defined]
+        else:
+            collated = self.collate_fn([self.dataset[i] for i in positions])
+        return move_batch(collated, self.device, self.dtype)
+
+    @property
+    def _indexes_tensors(self) -> bool:
+        return (
+            type(self.dataset) is TensorDataset and self.collate_fn is default_collate and len(self.dataset.tensors) > 0
+        )
 
     def full_pass(self, batch_size: int) -> Iterator[tuple[Any, int]]:
         """Yield ``(batch, size)`` over every example once, in order."""

@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 
 Vectorize = Literal["auto", "vmap", "loop"]
 
+# Up to this many differentiated parameters, hvps runs one batched second backward pass for all rows.
+# NOTE: from benchmarks/batched_hvps.py (MLPs, 4 rows, batch 16, one CPU thread; docs/benchmarks.md): the
+# batched pass took 0.6 to 0.8 of the time of a pass per row up to about 44,000 parameters and 1.1 to 2.4
+# times as long from 75,000 on. On MiniLM (3.7M parameters) it was slower too.
+BATCHED_HVPS_MAX_PARAMETERS = 32_768
+
 
 class _LossModule(nn.Module):
     """Wraps ``loss_fn(model, batch)`` so ``functional_call`` can swap the model's parameters."""
@@ -63,6 +69,7 @@ class FunctionalLoss:
         self.weight_decay_in_gradients = weight_decay_in_gradients
         self._module = _LossModule(model, loss_fn)
         self._selected = set(selection.names)
+        self._batched_hvps = True
 
     def params(self) -> tuple[Tensor, ...]:
         """Return the current values of the selected parameters, detached."""
@@ -174,8 +181,11 @@ class FunctionalLoss:
     def hvps(self, batch: Any, vectors: Tensor) -> Tensor:
         """Return ``H v`` for each row of ``vectors`` (``[Q, P]``), shape ``[Q, P]``, as :meth:`hvp` does.
 
-        The loss and its first-order gradient are computed once for all rows, and each row gets its own
-        second backward pass, so every row equals :meth:`hvp` of that row.
+        The loss and its first-order gradient are computed once for all rows. Up to
+        ``BATCHED_HVPS_MAX_PARAMETERS`` parameters the second backward pass runs once for all rows, batched
+        over them (``is_grads_batched``), because on small models a pass costs mostly its fixed overhead;
+        larger models, and models whose backward pass cannot be batched (after a log message), get one
+        second backward pass per row.
         """
         if len(vectors) == 0:
             return torch.zeros_like(vectors)
@@ -183,17 +193,45 @@ class FunctionalLoss:
         loss = self.loss(params, batch)
         check_finite(loss, where="on a training batch")
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        rows = []
-        for row, vector in enumerate(vectors):
-            pieces = self.selection.unflatten(vector.to(dtype=params[0].dtype))
-            last = row == len(vectors) - 1
-            product = torch.autograd.grad(grads, params, grad_outputs=pieces, retain_graph=not last, allow_unused=True)
-            product = tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
-            flat = self.selection.flatten(product).detach()
-            if self.weight_decay:
-                flat = flat + 2 * self.weight_decay * vector
-            rows.append(flat)
-        return torch.stack(rows)
+        vectors_in_dtype = vectors.to(dtype=params[0].dtype)
+        flat = None
+        if len(vectors) > 1 and self._batched_hvps and self.selection.numel <= BATCHED_HVPS_MAX_PARAMETERS:
+            try:
+                flat = self._batched_second_backward(grads, params, vectors_in_dtype)
+            except (RuntimeError, NotImplementedError) as err:
+                log.info("Batched Hessian-vector products failed on this model (%s); using one pass per row.", err)
+                self._batched_hvps = False
+        if flat is None:
+            rows = []
+            for row, vector in enumerate(vectors_in_dtype):
+                last = row == len(vectors) - 1
+                pieces = self.selection.unflatten(vector)
+                product = torch.autograd.grad(
+                    grads, params, grad_outputs=pieces, retain_graph=not last, allow_unused=True
+                )
+                rows.append(self.selection.flatten(self._zeros_for_unused(product, params)).detach())
+            flat = torch.stack(rows)
+        if self.weight_decay:
+            flat = flat + 2 * self.weight_decay * vectors
+        return flat
+
+    def _batched_second_backward(
+        self, grads: tuple[Tensor, ...], params: tuple[Tensor, ...], vectors: Tensor
+    ) -> Tensor:
+        pieces = self.selection.unflatten_batched(vectors)
+        product = torch.autograd.grad(
+            grads, params, grad_outputs=pieces, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        rows = len(vectors)
+        product = tuple(
+            torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device) if h is None else h
+            for h, p in zip(product, params, strict=True)
+        )
+        return self.selection.flatten_batched(product).detach()
+
+    @staticmethod
+    def _zeros_for_unused(product: tuple[Tensor | None, ...], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
 
     def hessian(self, batch: Any, *, chunk_size: int = 256) -> Tensor:
         """Return the explicit Hessian ``[P, P]`` of the mean loss over ``batch`` (no L2 term)."""

@@ -55,6 +55,16 @@ class ParameterSelection:
         sizes = [shape.numel() for shape in self.shapes]
         return tuple(chunk.view(shape) for chunk, shape in zip(flat.split(sizes), self.shapes, strict=True))
 
+    def unflatten_batched(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Split rows ``[B, P]`` into tensors of the selected shapes with a leading batch dim ``B``."""
+        if flat.dim() != 2 or flat.shape[1] != self.numel:
+            raise ValueError(f"Expected rows of shape (B, {self.numel}), but got {tuple(flat.shape)}.")
+        sizes = [shape.numel() for shape in self.shapes]
+        rows = flat.shape[0]
+        return tuple(
+            chunk.reshape(rows, *shape) for chunk, shape in zip(flat.split(sizes, dim=1), self.shapes, strict=True)
+        )
+
 
 def select_parameters(model: nn.Module, parameters: ParameterSpec = None) -> ParameterSelection:
     """Choose the parameters to differentiate.

@@ -142,8 +142,73 @@ def test_hvps_rows_equal_single_hvp():
     vectors = torch.randn(3, problem.x.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     batch = train.batch(range(20))
     products = loss.hvps(batch, vectors)
+    # One batched second backward pass for all rows rounds differently from a pass per row.
     for row, vector in enumerate(vectors):
-        assert torch.equal(products[row], loss.hvp(batch, vector))
+        torch.testing.assert_close(products[row], loss.hvp(batch, vector), rtol=1e-12, atol=1e-15)
+
+
+class _Cube(torch.autograd.Function):
+    """``x ** 3`` whose backward reads a Python number, which a batched backward pass cannot do."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return _CubeGradient.apply(grad_output, x)
+
+
+class _CubeGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_output, x):
+        ctx.save_for_backward(grad_output, x)
+        return 3 * grad_output * x**2
+
+    @staticmethod
+    def backward(ctx, h):
+        grad_output, x = ctx.saved_tensors
+        if float(h.abs().sum()) == 0.0:
+            return None, None
+        return 3 * h * x**2, 6 * h * grad_output * x
+
+
+def test_hvps_fall_back_to_one_pass_per_row(caplog):
+    # loss = sum(w ** 3) over a batch of ones, so H = diag(6 w); the custom backward defeats is_grads_batched.
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -1.0, 2.0, 0.25]], dtype=torch.float64))
+
+    def cube_loss(module, batch):
+        return (_Cube.apply(module.weight) * batch[0].mean()).sum()
+
+    loss = FunctionalLoss(model, cube_loss, select_parameters(model))
+    batch = [torch.ones(3, 1, dtype=torch.float64)]
+    vectors = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with caplog.at_level("INFO", logger="lightning_fastif.functional.gradients"):
+        products = loss.hvps(batch, vectors)
+    assert "one pass per row" in caplog.text
+    expected = vectors * (6 * model.weight.detach()[0])
+    torch.testing.assert_close(products, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss.hvps(batch, vectors), expected, rtol=1e-12, atol=0)
+
+
+def test_hvps_batch_the_second_pass(monkeypatch):
+    problem = logistic_problem()
+    loss, train, _ = setup(problem)
+    batched_calls = []
+    original = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        batched_calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    loss.hvps(train.batch(range(20)), torch.ones(4, problem.x.shape[1], dtype=torch.float64))
+    # One first-order pass and one batched second pass, not one second pass per row.
+    assert batched_calls == [False, True]
 
 
 def test_lissa_rows_equal_single_solves():
@@ -153,4 +218,6 @@ def test_lissa_rows_equal_single_solves():
     solver = LiSSASolver(damping=1e-4, scale=5.0, depth=50, repeats=2, batch_size=10, seed=0)
     together = solver.solve(loss, train, vectors)
     for row, vector in enumerate(vectors):
-        assert torch.equal(together[row], solver.solve(loss, train, vector.unsqueeze(0))[0])
+        torch.testing.assert_close(
+            together[row], solver.solve(loss, train, vector.unsqueeze(0))[0], rtol=1e-10, atol=1e-14
+        )
