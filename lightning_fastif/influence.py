@@ -150,10 +150,11 @@ class InfluenceComputer:
         """Return ``(repeat_groups, query_groups)``: how :meth:`ihvp` splits a LiSSA solve over the ranks.
 
         The repeats are split first. Each LiSSA step builds its batch's graph once for all query rows and
-        adds one backward pass per row, so a rank saves more by running fewer steps than by solving fewer
-        rows. Ranks left over once every repeat group has one repeat split the query rows: with one repeat
-        and two ranks, each rank solves half of the queries. Ranks outside the grid only join the
-        all-reduce. Without a process group, or with another solver, the grid is ``(1, 1)``.
+        adds one backward pass per row, or one batched pass on small models (``FunctionalLoss.hvps``), so a
+        rank saves more by running fewer steps than by solving fewer rows. Ranks left over once every repeat
+        group has one repeat split the query rows: with one repeat and two ranks, each rank solves half of
+        the queries. Ranks outside the grid only join the all-reduce. Without a process group, or with
+        another solver, the grid is ``(1, 1)``.
         """
         _, world_size = rank_and_world()
         if world_size == 1 or not isinstance(self.solver, LiSSASolver):

@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 Vectorize = Literal["auto", "vmap", "loop"]
 
 # Up to this many differentiated parameters, hvps runs one batched second backward pass for all rows.
-# NOTE: from benchmarks/batched_hvps.py (MLPs, 4 rows, batch 16, one CPU thread; docs/benchmarks.md): the
-# batched pass took 0.6 to 0.8 of the time of a pass per row up to about 44,000 parameters and 1.1 to 2.4
-# times as long from 75,000 on. On MiniLM (3.7M parameters) it was slower too.
+# NOTE: the limit comes from one MLP on one CPU (benchmarks/batched_hvps.py, 4 rows, batch 16, one thread).
+# There the batched pass took 0.6 to 0.8 of the time of a pass per row up to about 44,000 parameters, and as
+# long or longer from 75,000 on. On MiniLM (3.7M parameters) it was slower too. GPUs were not measured.
 BATCHED_HVPS_MAX_PARAMETERS = 32_768
 
 
@@ -199,7 +199,7 @@ class FunctionalLoss:
             try:
                 flat = self._batched_second_backward(grads, params, vectors_in_dtype)
             except (RuntimeError, NotImplementedError) as err:
-                log.info("Batched Hessian-vector products failed on this model (%s); using one pass per row.", err)
+                log.info("Batched Hessian-vector products failed (%s), so each row gets its own pass.", err)
                 self._batched_hvps = False
         if flat is None:
             rows = []
