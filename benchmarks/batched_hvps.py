@@ -45,7 +45,7 @@ def time_hvps(width: int, rows: int, batch_size: int, calls: int) -> tuple[int, 
 
 
 def _batched_hvps(loss: FunctionalLoss, batch: list, vectors: torch.Tensor) -> torch.Tensor:
-    """The batched way of ``hvps`` at any size: one first-order pass, then one batched second pass."""
+    """Compute ``hvps`` the batched way at any size: one first-order pass, then one batched second pass."""
     params = tuple(t.clone().requires_grad_(True) for t in loss.params())
     grads = torch.autograd.grad(loss.loss(params, batch), params, create_graph=True)
     return loss._batched_second_backward(grads, params, vectors)

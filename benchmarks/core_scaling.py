@@ -9,9 +9,9 @@ work on one torch thread each:
   5 rows per step with ``FunctionalLoss.hvps``), where fixed per-call costs dominate;
 - ``matmul``: products of 256 x 256 float32 matrices, where arithmetic dominates.
 
-Each kind runs 3 times, alternating one and two processes; the table gives the medians, and
-"2 processes / 1" is the wall time of the split work over that of the whole work in one process (0.5 is
-a perfect split).
+Each kind runs 3 times, alternating one and two processes, and the table gives the medians. Each process
+times its own loop after its imports and a first call. "2 processes / 1" is the time of the slower of the
+two processes over the time of one process doing all the work, so 0.5 is a perfect split.
 
 Usage::
 
@@ -62,8 +62,8 @@ def _worker(kind: str, calls: int, barrier: Any, results: Any) -> None:
     results.put(time.perf_counter() - start)
 
 
-def split_wall_seconds(kind: str, calls: int, processes: int) -> float:
-    """Return the wall seconds of ``calls`` calls split evenly over ``processes`` processes started together."""
+def split_seconds(kind: str, calls: int, processes: int) -> float:
+    """Return the seconds of ``calls`` calls split evenly over ``processes`` processes started together."""
     context = mp.get_context("spawn")
     barrier = context.Barrier(processes)
     results = context.Queue()
@@ -87,11 +87,11 @@ def main() -> None:
     print("| work | 1 process s | 2 processes s | 2 processes / 1 |")
     print("|---|---:|---:|---:|")
     for kind in ("hvps", "matmul"):
-        one, two = [], []
+        solo_runs, pair_runs = [], []
         for _ in range(args.repeats):
-            one.append(split_wall_seconds(kind, args.calls, 1))
-            two.append(split_wall_seconds(kind, args.calls, 2))
-        solo, pair = statistics.median(one), statistics.median(two)
+            solo_runs.append(split_seconds(kind, args.calls, 1))
+            pair_runs.append(split_seconds(kind, args.calls, 2))
+        solo, pair = statistics.median(solo_runs), statistics.median(pair_runs)
         print(f"| {kind} | {solo:.3f} | {pair:.3f} | {pair / solo:.2f} |", flush=True)
 
 
