@@ -222,16 +222,18 @@ class FunctionalLoss:
         product = torch.autograd.grad(
             grads, params, grad_outputs=pieces, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
-        rows = len(vectors)
-        product = tuple(
-            torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device) if h is None else h
-            for h, p in zip(product, params, strict=True)
-        )
-        return self.selection.flatten_batched(product).detach()
+        filled = self._zeros_for_unused(product, params, rows=len(vectors))
+        return self.selection.flatten_batched(filled).detach()
 
     @staticmethod
-    def _zeros_for_unused(product: tuple[Tensor | None, ...], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(product, params, strict=True))
+    def _zeros_for_unused(
+        product: tuple[Tensor | None, ...], params: tuple[Tensor, ...], *, rows: int | None = None
+    ) -> tuple[Tensor, ...]:
+        """Replace the ``None`` products of parameters outside the graph with zeros, ``[rows, ...]`` if given."""
+        leading = () if rows is None else (rows,)
+        return tuple(
+            p.new_zeros((*leading, *p.shape)) if h is None else h for h, p in zip(product, params, strict=True)
+        )
 
     def hessian(self, batch: Any, *, chunk_size: int = 256) -> Tensor:
         """Return the explicit Hessian ``[P, P]`` of the mean loss over ``batch`` (no L2 term)."""

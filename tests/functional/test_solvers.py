@@ -5,6 +5,7 @@ import torch
 
 from lightning_fastif import CGSolver, ExactSolver, LiSSADivergenceError, LiSSASolver
 from lightning_fastif.functional import FunctionalLoss, TrainingSet, select_parameters
+from lightning_fastif.functional.gradients import BATCHED_HVPS_MAX_PARAMETERS
 from tests.helpers.problems import logistic_problem, ridge_problem
 
 EXACT_RTOL = 1e-8
@@ -209,6 +210,34 @@ def test_hvps_batch_the_second_pass(monkeypatch):
     loss.hvps(train.batch(range(20)), torch.ones(4, problem.x.shape[1], dtype=torch.float64))
     # One first-order pass and one batched second pass, not one second pass per row.
     assert batched_calls == [False, True]
+
+
+def test_hvps_large_model_pass_per_row(monkeypatch):
+    # 201 * 200 = 40,200 parameters, above BATCHED_HVPS_MAX_PARAMETERS, so each row gets its own pass.
+    model = torch.nn.Linear(200, 201, bias=False).double()
+    loss = FunctionalLoss(
+        model, lambda module, batch: (module(batch[0]) ** 2).mean(), select_parameters(model), weight_decay=0.0
+    )
+    assert loss.selection.numel > BATCHED_HVPS_MAX_PARAMETERS
+    batched_calls = []
+    original = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        batched_calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    batch = [torch.randn(8, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    loss.hvps(batch, torch.ones(3, loss.selection.numel, dtype=torch.float64))
+    assert batched_calls == [False, False, False, False]
+
+
+def test_unflatten_batched_rejects_wrong_width():
+    selection = select_parameters(torch.nn.Linear(3, 2))
+    pieces = selection.unflatten_batched(torch.zeros(4, selection.numel))
+    assert [tuple(piece.shape) for piece in pieces] == [(4, 2, 3), (4, 2)]
+    with pytest.raises(ValueError, match=r"Expected rows of shape \(B, 8\), but got \(4, 7\)"):
+        selection.unflatten_batched(torch.zeros(4, 7))
 
 
 def test_lissa_rows_equal_single_solves():
