@@ -41,6 +41,12 @@ SHARED_SOLVE_QUERIES = 8
 # from 6.22 to 1.82 s.
 LARGE_MODEL_PARAMETERS = 1_000_000
 LARGE_MODEL_SOLVE_QUERIES = 2
+# Where every LiSSA step runs one batched second backward pass for all rows (FunctionalLoss.batches_hvps), a
+# step costs little more with more rows, so a solve shares up to BATCHED_SOLVE_QUERIES rows, and at most
+# BATCHED_SOLVE_ELEMENTS // P of them, which bounds each [Q, P] tensor at 32 MB in float64.
+# benchmarks/batched_solve_rows.py measures a step against the rows (docs/benchmarks.md).
+BATCHED_SOLVE_QUERIES = 256
+BATCHED_SOLVE_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -302,11 +308,16 @@ class FastIF:
     def rows_per_solve(self) -> int:
         """Return how many query rows one LiSSA solve of :meth:`explain` shares, per process.
 
-        Small models share up to ``SHARED_SOLVE_QUERIES`` rows, because a step's fixed cost dominates. Above
-        ``LARGE_MODEL_PARAMETERS`` parameters each row's second backward pass dominates, and sharing more
-        than ``LARGE_MODEL_SOLVE_QUERIES`` rows made a step cost more per row than solving alone.
+        Models whose steps run one batched second backward pass for all rows share up to
+        ``BATCHED_SOLVE_QUERIES`` rows, bounded by ``BATCHED_SOLVE_ELEMENTS`` elements per ``[Q, P]``
+        tensor. Other small models share up to ``SHARED_SOLVE_QUERIES`` rows, because a step's fixed cost
+        dominates. Above ``LARGE_MODEL_PARAMETERS`` parameters each row's second backward pass dominates, and
+        sharing more than ``LARGE_MODEL_SOLVE_QUERIES`` rows made a step cost more per row than solving alone.
         """
-        if self.computer.selection.numel > LARGE_MODEL_PARAMETERS:
+        numel = self.computer.selection.numel
+        if self.computer.loss.batches_hvps:
+            return max(SHARED_SOLVE_QUERIES, min(BATCHED_SOLVE_QUERIES, BATCHED_SOLVE_ELEMENTS // numel))
+        if numel > LARGE_MODEL_PARAMETERS:
             return min(SHARED_SOLVE_QUERIES, LARGE_MODEL_SOLVE_QUERIES)
         return SHARED_SOLVE_QUERIES
 

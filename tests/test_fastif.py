@@ -72,6 +72,7 @@ def test_shared_solve_chunks_match(monkeypatch):
     query = default_collate(token_items(3, seed=1))
     whole = fastif.explain(query, mode="each")
     monkeypatch.setattr(lightning_fastif.fastif, "SHARED_SOLVE_QUERIES", 2)
+    monkeypatch.setattr(lightning_fastif.fastif, "BATCHED_SOLVE_QUERIES", 2)
     solve_sizes = record_solve_sizes(monkeypatch, fastif)
     chunked = fastif.explain(query, mode="each")
     assert solve_sizes == [2, 1]
@@ -81,9 +82,37 @@ def test_shared_solve_chunks_match(monkeypatch):
         assert torch.equal(result.scores, expected.scores)
 
 
+def test_batched_model_shares_rows_up_to_a_memory_bound(monkeypatch):
+    model = tiny_bert().double()
+    fastif = make_fastif(model, token_items(24), k=8)
+    numel = fastif.computer.selection.numel
+    assert fastif.computer.loss.batches_hvps
+    # 7,944 parameters: the row cap binds before the memory bound.
+    assert lightning_fastif.fastif.BATCHED_SOLVE_ELEMENTS // numel > lightning_fastif.fastif.BATCHED_SOLVE_QUERIES
+    assert fastif.rows_per_solve() == lightning_fastif.fastif.BATCHED_SOLVE_QUERIES == 256
+    solve_sizes = record_solve_sizes(monkeypatch, fastif)
+    query = default_collate(token_items(10, seed=1))
+    together = fastif.explain(query, mode="each")
+    assert solve_sizes == [10]
+    # Room for 3 rows of P per solve: chunks of 3, whose scores equal those of the one solve.
+    monkeypatch.setattr(lightning_fastif.fastif, "BATCHED_SOLVE_ELEMENTS", 3 * numel + 1)
+    assert fastif.rows_per_solve() == max(3, lightning_fastif.fastif.SHARED_SOLVE_QUERIES) == 8
+    monkeypatch.setattr(lightning_fastif.fastif, "SHARED_SOLVE_QUERIES", 2)
+    assert fastif.rows_per_solve() == 3
+    solve_sizes.clear()
+    chunked = fastif.explain(query, mode="each")
+    assert solve_sizes == [3, 3, 3, 1]
+    for expected, result in zip(together, chunked, strict=True):
+        torch.testing.assert_close(result.scores, expected.scores, rtol=1e-10, atol=1e-14)
+    # After a batched pass has failed, every row gets its own pass and the solve shares fewer rows.
+    fastif.computer.loss._batched_hvps = False
+    assert fastif.rows_per_solve() == 2
+
+
 def test_large_model_shares_fewer_rows(monkeypatch):
     model = tiny_bert().double()
     fastif = make_fastif(model, token_items(24), k=8)
+    fastif.computer.loss._batched_hvps = False  # as after a failed batched pass: one pass per row
     assert fastif.rows_per_solve() == lightning_fastif.fastif.SHARED_SOLVE_QUERIES
     # Make the tiny model count as large, so each solve shares at most LARGE_MODEL_SOLVE_QUERIES rows.
     monkeypatch.setattr(lightning_fastif.fastif, "LARGE_MODEL_PARAMETERS", 0)

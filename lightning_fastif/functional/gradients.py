@@ -71,6 +71,15 @@ class FunctionalLoss:
         self._selected = set(selection.names)
         self._batched_hvps = True
 
+    @property
+    def batches_hvps(self) -> bool:
+        """Whether :meth:`hvps` runs one batched second backward pass for all rows.
+
+        True up to ``BATCHED_HVPS_MAX_PARAMETERS`` differentiated parameters, until a batched pass has failed
+        on this model.
+        """
+        return self._batched_hvps and self.selection.numel <= BATCHED_HVPS_MAX_PARAMETERS
+
     def params(self) -> tuple[Tensor, ...]:
         """Return the current values of the selected parameters, detached."""
         return self.selection.tensors(self.model)
@@ -195,7 +204,7 @@ class FunctionalLoss:
         grads = torch.autograd.grad(loss, params, create_graph=True)
         vectors_in_dtype = vectors.to(dtype=params[0].dtype)
         flat = None
-        if len(vectors) > 1 and self._batched_hvps and self.selection.numel <= BATCHED_HVPS_MAX_PARAMETERS:
+        if len(vectors) > 1 and self.batches_hvps:
             try:
                 flat = self._batched_second_backward(grads, params, vectors_in_dtype)
             except (RuntimeError, NotImplementedError) as err:

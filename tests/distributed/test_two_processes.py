@@ -235,6 +235,7 @@ def fastif_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> 
     LiSSASolver._one_repeat = record_repeat
     lightning_fastif.influence.all_gather_columns = record_gather
     lightning_fastif.fastif.SHARED_SOLVE_QUERIES = 2
+    lightning_fastif.fastif.BATCHED_SOLVE_QUERIES = 2
     try:
         torch.set_num_threads(1)
         candidates, scores = explain_five_queries()
