@@ -23,7 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import Dataset
 
 from lightning_fastif.callbacks import DataRepairCallback
@@ -159,6 +159,12 @@ def add_repair_arguments(parser: argparse.ArgumentParser, *, defaults: Mapping[s
         help="torch CPU threads. One is the default because LiSSA's single-example Hessian-vector products "
         "ran 0.075 s on one thread and 2.9 s on two on a busy 2-core machine.",
     )
+    parser.add_argument(
+        "--wandb-project",
+        default=None,
+        help="Also log each seed's curves to a W&B run in this project (offline when WANDB_MODE=offline), "
+        "beside the CSV log.",
+    )
     parser.add_argument("--quick", action="store_true", help="A smoke run of a few minutes with tiny sizes.")
 
 
@@ -220,14 +226,25 @@ def run_setting(model: NLIClassifier, setting: Setting, args: argparse.Namespace
     start = time.perf_counter()
     for seed in args.seeds:
         seed_dir = output_dir / setting.name / f"seed_{seed}"
+        loggers: list[Logger] = [CSVLogger(output_dir / setting.name, name="logs", version=f"seed_{seed}")]
+        if args.wandb_project:
+            loggers.append(
+                WandbLogger(project=args.wandb_project, name=f"{setting.name}-seed{seed}", save_dir=str(output_dir))
+            )
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
-            logger=CSVLogger(output_dir / setting.name, name="logs", version=f"seed_{seed}"),
+            logger=loggers,
             enable_checkpointing=False,
             enable_model_summary=False,
         )
-        result = repair_callback(args, setting, seed, seed_dir).repair(trainer, model)
+        try:
+            result = repair_callback(args, setting, seed, seed_dir).repair(trainer, model)
+        finally:
+            if args.wandb_project:
+                import wandb
+
+                wandb.finish()
         per_seed[str(seed)] = result.summary()
     return {
         "name": setting.name,

@@ -87,9 +87,8 @@ def test_batched_model_shares_rows_up_to_a_memory_bound(monkeypatch):
     fastif = make_fastif(model, token_items(24), k=8)
     numel = fastif.computer.selection.numel
     assert fastif.computer.loss.batches_hvps
-    # 7,944 parameters: the row cap binds before the memory bound.
-    assert lightning_fastif.fastif.BATCHED_SOLVE_ELEMENTS // numel > lightning_fastif.fastif.BATCHED_SOLVE_QUERIES
-    assert fastif.rows_per_solve() == lightning_fastif.fastif.BATCHED_SOLVE_QUERIES == 256
+    bound = lightning_fastif.fastif.BATCHED_SOLVE_ELEMENTS // numel
+    assert fastif.rows_per_solve() == min(lightning_fastif.fastif.BATCHED_SOLVE_QUERIES, bound) >= 10
     solve_sizes = record_solve_sizes(monkeypatch, fastif)
     query = default_collate(token_items(10, seed=1))
     together = fastif.explain(query, mode="each")

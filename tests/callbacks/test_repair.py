@@ -24,14 +24,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import yaml
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_fastif.callbacks import DataRepairCallback
 from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
+from lightning_fastif.fastif import FastIF
+from lightning_fastif.knn import weights_fingerprint
 from lightning_fastif.mixin import FastIFMixin
 from tests.helpers.cli import run_fit, use_small_data, use_tiny_bert
+from tests.helpers.wandb_files import history_rows, offline_run_dir
 
 REPAIR_YAML = Path(__file__).resolve().parents[2] / "examples" / "mnli_hans" / "repair.yaml"
 
@@ -247,6 +250,55 @@ def test_helpful_repairs_random_does_not(task: Task, model: SpuriousMLP, tmp_pat
     share = sum(i in task.pool.counter for i in helpful) / len(helpful)
     assert len(helpful) == REPAIR_STEPS * callback.num_examples
     assert share >= MIN_HELPFUL_COUNTER_SHARE
+
+
+def test_index_rebuilt_from_current_weights_each_step(
+    task: Task, model: SpuriousMLP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = weights_fingerprint(model)
+    builds: list[str] = []
+    train_features = FastIF._train_features
+
+    def recording(self: FastIF, *, progress: bool) -> Tensor:
+        builds.append(weights_fingerprint(self.model))
+        return train_features(self, progress=progress)
+
+    monkeypatch.setattr(FastIF, "_train_features", recording)
+    callback = repair_callback(task, tmp_path, strategies=["helpful", "harmful"], num_steps=3)
+    callback.repair(quiet_trainer(), model)
+    # One kNN index per FastIF step, each over the features of the weights at that step: the first from the
+    # start weights, the others from the weights after the updates so far.
+    assert len(builds) == 2 * 3
+    assert builds[0] == builds[3] == start
+    assert len(set(builds)) == 5
+    assert weights_fingerprint(model) == start  # the restore policy put the weights back
+
+
+def test_repair_curves_reach_wandb(
+    task: Task, model: SpuriousMLP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="repair-test")
+    callback = repair_callback(task, tmp_path, strategies=["helpful", "random"], num_steps=3)
+    try:
+        result = callback.repair(quiet_trainer(logger=logger), model)
+    finally:
+        wandb.finish()
+    rows = history_rows(offline_run_dir(tmp_path))
+    for strategy in ("helpful", "random"):
+        for metric in ("target_acc", "holdout_acc", "source_acc"):
+            key = f"repair/{strategy}/{metric}"
+            logged = [row[key] for row in rows if key in row]
+            assert logged == pytest.approx([record[metric] for record in result.runs[strategy].history]), key
+    # The file holds the same curves.
+    records = read_jsonl(result.jsonl_path)
+    assert [r["holdout_acc"] for r in records if r["strategy"] == "helpful"] == [
+        r["holdout_acc"] for r in result.runs["helpful"].history
+    ]
 
 
 def test_anchor_batches_are_errors_outside_holdout(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
