@@ -56,9 +56,7 @@ def join(payloads: list[dict[str, Any]], names: list[str]) -> tuple[list[dict[st
     for payload, name in zip(payloads, names, strict=True):
         for setting in payload["settings"]:
             first_source.setdefault(setting["name"], name)
-            pooled = settings.setdefault(
-                setting["name"], {**setting, "per_seed": {}, "seconds": 0.0, "aggregate": {}}
-            )
+            pooled = settings.setdefault(setting["name"], {**setting, "per_seed": {}, "seconds": 0.0, "aggregate": {}})
             if pooled["sizes"] != setting["sizes"]:
                 raise ValueError(
                     f"Setting {setting['name']} has sizes {setting['sizes']} in {name} but {pooled['sizes']} in "
