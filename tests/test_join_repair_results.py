@@ -1,4 +1,4 @@
-"""Joining repair-study results: seeds pooled per setting, settings laid out together, bad joins refused."""
+"""Joining repair-study results: seeds pooled per setting, settings laid out together, bad joins rejected."""
 
 from __future__ import annotations
 
@@ -93,14 +93,14 @@ def test_command_writes_joined_tables(tmp_path: Path) -> None:
     assert list(joined["settings"][0]["per_seed"]) == ["0", "1"]
 
 
-def test_same_seed_twice_is_refused() -> None:
+def test_same_seed_twice_is_rejected() -> None:
     first = payload("constituent-hans", {0: [0.5, 0.5, 0.5]})
     second = payload("constituent-hans", {0: [0.5, 0.6, 0.6]})
     with pytest.raises(ValueError, match="Seed 0 of setting constituent-hans is in both a and b. Pass each seed once."):
         join_repair_results.join([first, second], ["a", "b"])
 
 
-def test_other_study_settings_are_refused() -> None:
+def test_other_study_settings_are_rejected() -> None:
     first = payload("constituent-hans", {0: [0.5, 0.5, 0.5]})
     second = payload("constituent-hans", {1: [0.5, 0.6, 0.6]}, lr=0.001)
     with pytest.raises(ValueError, match=r"b ran with lr=0.001 but a with lr=0.002\. Join only runs"):

@@ -294,7 +294,7 @@ def test_repair_curves_reach_wandb(
             key = f"repair/{strategy}/{metric}"
             logged = [row[key] for row in rows if key in row]
             assert logged == pytest.approx([record[metric] for record in result.runs[strategy].history]), key
-    # The file holds the same curves.
+    # The file contains the same curves.
     records = read_jsonl(result.jsonl_path)
     assert [r["holdout_acc"] for r in records if r["strategy"] == "helpful"] == [
         r["holdout_acc"] for r in result.runs["helpful"].history
