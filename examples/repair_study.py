@@ -126,6 +126,12 @@ def add_repair_arguments(parser: argparse.ArgumentParser, *, defaults: Mapping[s
         help="Draw anchor batches from the anchor split's errors, or from all of it (errors and correct examples).",
     )
     parser.add_argument("--num-examples", type=int, default=10, help="Update examples per step.")
+    parser.add_argument(
+        "--update-parameters",
+        choices=("all", "influence"),
+        default="all",
+        help="Parameters the update steps change: all, or those FastIF differentiates (last 2 layers and head).",
+    )
     parser.add_argument("--holdout-fraction", type=float, default=0.5, help="Share of the target set held out.")
     parser.add_argument(
         "--validation-fraction",
@@ -199,6 +205,7 @@ def repair_callback(args: argparse.Namespace, setting: Setting, seed: int, outpu
         anchors_from=args.anchors_from,
         num_examples=args.num_examples,
         lr=args.lr,
+        update_parameters=args.update_parameters,
         holdout_fraction=args.holdout_fraction,
         validation_fraction=args.validation_fraction,
         select_step=args.select_step,
@@ -322,7 +329,12 @@ def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespa
         f"source set. {args.num_steps} SGD steps of lr {args.lr:g}, {args.num_examples} examples a step, "
         f"anchor batches of {args.anchor_batch_size} drawn from the anchor split's "
         f"{'errors' if args.anchors_from == 'errors' else 'examples (errors and correct)'}, k={args.k}, "
-        f"LiSSA depth {args.depth}.",
+        f"LiSSA depth {args.depth}"
+        + (
+            ", updating only the parameters that FastIF differentiates."
+            if getattr(args, "update_parameters", "all") == "influence"
+            else "."
+        ),
         "",
     ]
     columns: tuple[tuple[str, str], ...] = COLUMNS

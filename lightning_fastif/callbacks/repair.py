@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lightning_fastif.distributed import broadcast_module
 from lightning_fastif.fastif import FastIF, FastIFConfig
 from lightning_fastif.functional.batches import move_batch
-from lightning_fastif.functional.params import influence_mode
+from lightning_fastif.functional.params import influence_mode, select_parameters
 from lightning_fastif.influence import ScoreMethod
 from lightning_fastif.mixin import FastIFMixin, mixin_influence_loss
 
@@ -41,11 +41,13 @@ Policy = Literal["keep", "restore_on_source_drop", "restore"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 AnchorsFrom = Literal["errors", "all"]
 SelectStep = Literal["last", "best_validation"]
+UpdateParameters = Literal["all", "influence"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 POLICIES: tuple[str, ...] = get_args(Policy)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 ANCHORS_FROM: tuple[str, ...] = get_args(AnchorsFrom)
 SELECT_STEPS: tuple[str, ...] = get_args(SelectStep)
+UPDATE_PARAMETERS: tuple[str, ...] = get_args(UpdateParameters)
 METRICS = ("target_acc", "holdout_acc", "source_acc", "validation_acc")
 INFLUENCE_STRATEGIES = frozenset({"helpful", "harmful"})
 JSONL_NAME = "repair.jsonl"
@@ -260,6 +262,9 @@ class DataRepairCallback(pl.Callback):
         num_examples: Update examples per step (the anchor batch itself for "anchors").
         lr: Learning rate of the repair optimizer.
         optimizer: The repair optimizer: "sgd" (plain SGD, as FastIF), "adam" or "adamw".
+        update_parameters: Which parameters the update steps change: "all" (every parameter with
+            ``requires_grad``) or "influence" (those that FastIF differentiates, the module's
+            ``influence_parameters()``; on a transformer the last layers and the head, as in FastIF's code).
         update_in_train_mode: Take the update steps in train mode (dropout on); eval mode otherwise.
         holdout_fraction: Share of the target set held out for measuring, in (0, 1).
         validation_fraction: Share of the target set split off for choosing the step, in [0, 1); 0 makes
@@ -317,6 +322,7 @@ class DataRepairCallback(pl.Callback):
         num_examples: int = 10,
         lr: float = 1e-4,
         optimizer: OptimizerName = "sgd",
+        update_parameters: UpdateParameters = "all",
         update_in_train_mode: bool = False,
         holdout_fraction: float = 0.5,
         validation_fraction: float = 0.0,
@@ -357,6 +363,7 @@ class DataRepairCallback(pl.Callback):
         _check_choice("policy", policy, POLICIES)
         _check_choice("anchors_from", anchors_from, ANCHORS_FROM)
         _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("update_parameters", update_parameters, UPDATE_PARAMETERS)
 
         # The config validates the LiSSA and kNN settings. top_k is the number of update examples.
         self.config = FastIFConfig(
@@ -387,6 +394,7 @@ class DataRepairCallback(pl.Callback):
         self.num_examples = num_examples
         self.lr = float(lr)
         self.optimizer = optimizer
+        self.update_parameters = update_parameters
         self.update_in_train_mode = update_in_train_mode
 
         self.holdout_fraction = holdout_fraction
@@ -612,7 +620,11 @@ class DataRepairCallback(pl.Callback):
         return float(loss.detach())
 
     def _make_optimizer(self, pl_module: pl.LightningModule) -> torch.optim.Optimizer:
-        parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        if self.update_parameters == "influence":
+            names = set(select_parameters(pl_module, pl_module.influence_parameters()).names)  # type: ignore[operator]
+            parameters = [p for name, p in pl_module.named_parameters() if name in names]
+        else:
+            parameters = [p for p in pl_module.parameters() if p.requires_grad]
         if not parameters:
             raise ValueError("The module has no parameter with requires_grad=True, so there is nothing to repair.")
         if self.optimizer == "adam":

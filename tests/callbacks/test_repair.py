@@ -393,6 +393,38 @@ def test_keep_holds_first_strategy_weights(task: Task, model: SpuriousMLP, tmp_p
     assert not torch.equal(helpful["head.weight"], random_weights["head.weight"])
 
 
+class HeadInfluenceMLP(SpuriousMLP):
+    """A SpuriousMLP whose influence parameters are the head only."""
+
+    def influence_parameters(self) -> list[str]:
+        return [r"^head\."]
+
+
+def test_update_parameters_influence_changes_only_those(task: Task, tmp_path: Path) -> None:
+    model = HeadInfluenceMLP()
+    model.load_state_dict(fit_model(task.train).state_dict())
+    start = tensors_of(model)
+    callback = repair_callback(
+        task, tmp_path, strategies=["helpful"], num_steps=3, policy="keep", update_parameters="influence"
+    )
+    callback.repair(quiet_trainer(), model)
+    after = tensors_of(model)
+    for name in ("param:body.0.weight", "param:body.0.bias"):
+        assert torch.equal(after[name], start[name]), name
+    for name in ("param:head.weight", "param:head.bias"):
+        assert not torch.equal(after[name], start[name]), name
+
+
+def test_update_parameters_all_changes_the_body(task: Task, tmp_path: Path) -> None:
+    model = HeadInfluenceMLP()
+    model.load_state_dict(fit_model(task.train).state_dict())
+    start = tensors_of(model)
+    callback = repair_callback(task, tmp_path, strategies=["helpful"], num_steps=3, policy="keep")
+    assert callback.update_parameters == "all"
+    callback.repair(quiet_trainer(), model)
+    assert not torch.equal(tensors_of(model)["param:body.0.weight"], start["param:body.0.weight"])
+
+
 def test_restore_on_source_drop(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
     start = tensors_of(model)
     strict = repair_callback(task, tmp_path, strategy="anchors", policy="restore_on_source_drop", max_source_drop=0.05)
@@ -828,6 +860,7 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
         ({"policy": "sometimes"}, "Unknown policy 'sometimes'"),
         ({"optimizer": "lbfgs"}, "Unknown optimizer 'lbfgs'"),
         ({"anchors_from": "correct"}, "Unknown anchors_from 'correct'"),
+        ({"update_parameters": "head"}, r"Unknown update_parameters 'head'. Choose one of \['all', 'influence'\]"),
         ({"k": 0}, "`k` must be a positive integer or None"),
         ({"select_step": "first"}, "Unknown select_step 'first'"),
         ({"validation_fraction": -0.1}, r"`validation_fraction` must be in \[0, 1\), but got -0.1"),
