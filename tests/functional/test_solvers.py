@@ -196,9 +196,8 @@ def test_hvps_fall_back_to_one_pass_per_row(caplog):
     torch.testing.assert_close(loss.hvps(batch, vectors), expected, rtol=1e-12, atol=0)
 
 
-def test_hvps_batch_the_second_pass(monkeypatch):
-    problem = logistic_problem()
-    loss, train, _ = setup(problem)
+def record_grad_calls(monkeypatch):
+    """Return a list that gets, for each ``torch.autograd.grad`` call, whether it was batched over rows."""
     batched_calls = []
     original = torch.autograd.grad
 
@@ -207,6 +206,13 @@ def test_hvps_batch_the_second_pass(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    return batched_calls
+
+
+def test_hvps_batch_the_second_pass(monkeypatch):
+    problem = logistic_problem()
+    loss, train, _ = setup(problem)
+    batched_calls = record_grad_calls(monkeypatch)
     loss.hvps(train.batch(range(20)), torch.ones(4, problem.x.shape[1], dtype=torch.float64))
     # One first-order pass and one batched second pass, not one second pass per row.
     assert batched_calls == [False, True]
@@ -219,14 +225,7 @@ def test_hvps_large_model_pass_per_row(monkeypatch):
         model, lambda module, batch: (module(batch[0]) ** 2).mean(), select_parameters(model), weight_decay=0.0
     )
     assert loss.selection.numel > BATCHED_HVPS_MAX_PARAMETERS
-    batched_calls = []
-    original = torch.autograd.grad
-
-    def counting_grad(*args, **kwargs):
-        batched_calls.append(kwargs.get("is_grads_batched", False))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    batched_calls = record_grad_calls(monkeypatch)
     batch = [torch.randn(8, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
     loss.hvps(batch, torch.ones(3, loss.selection.numel, dtype=torch.float64))
     assert batched_calls == [False, False, False, False]
