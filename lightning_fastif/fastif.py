@@ -42,8 +42,8 @@ SHARED_SOLVE_QUERIES = 8
 LARGE_MODEL_PARAMETERS = 1_000_000
 LARGE_MODEL_SOLVE_QUERIES = 2
 # Where every LiSSA step runs one batched second backward pass for all rows (FunctionalLoss.batches_hvps), a
-# step costs little more with more rows, so a solve shares up to BATCHED_SOLVE_QUERIES rows, and at most
-# BATCHED_SOLVE_ELEMENTS // P of them (each [Q, P] tensor is then at most 8 MB in float64).
+# step costs little more with more rows. There a solve shares up to BATCHED_SOLVE_QUERIES rows, and at most
+# BATCHED_SOLVE_ELEMENTS // P of them, so each [Q, P] tensor is at most 8 MB in float64.
 # benchmarks/batched_solve_rows.py measures a step against the rows (docs/benchmarks.md): the time per row
 # stopped falling at about a million row elements, 128 rows of 6,467 parameters and 64 of 21,123.
 BATCHED_SOLVE_QUERIES = 256

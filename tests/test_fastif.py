@@ -82,7 +82,7 @@ def test_shared_solve_chunks_match(monkeypatch):
         assert torch.equal(result.scores, expected.scores)
 
 
-def test_batched_model_shares_rows_up_to_a_memory_bound(monkeypatch):
+def test_batched_rows_memory_bound(monkeypatch):
     model = tiny_bert().double()
     fastif = make_fastif(model, token_items(24), k=8)
     numel = fastif.computer.selection.numel
