@@ -41,9 +41,10 @@ SHARED_SOLVE_QUERIES = 8
 # from 6.22 to 1.82 s.
 LARGE_MODEL_PARAMETERS = 1_000_000
 LARGE_MODEL_SOLVE_QUERIES = 2
-# Where every LiSSA step runs one batched second backward pass for all rows (FunctionalLoss.batches_hvps), a
-# step costs little more with more rows. There a solve shares up to BATCHED_SOLVE_QUERIES rows, and at most
-# BATCHED_SOLVE_ELEMENTS // P of them, so each [Q, P] tensor is at most 8 MB in float64.
+# Row limits for models whose LiSSA steps run one batched second backward pass for all rows
+# (FunctionalLoss.batches_hvps): a step there costs little more with more rows. A solve shares up to
+# BATCHED_SOLVE_QUERIES rows, and at most BATCHED_SOLVE_ELEMENTS // P of them, so each [Q, P] tensor is at
+# most 8 MB in float64.
 # benchmarks/batched_solve_rows.py measures a step against the rows (docs/benchmarks.md): the time per row
 # stopped falling at about a million row elements, 128 rows of 6,467 parameters and 64 of 21,123.
 BATCHED_SOLVE_QUERIES = 256
