@@ -26,6 +26,8 @@ from repair_study import aggregate, selects_on_validation, write_results  # noqa
 # Arguments that may differ between joined runs: where the output went, which seeds and settings a
 # command ran, its threads and its W&B project.
 FREE_ARGUMENTS = frozenset({"output_dir", "seeds", "heuristics", "pools", "threads", "wandb_project"})
+# Arguments added to the study after some results were written, with the value that those runs used.
+LATER_ARGUMENTS = {"update_parameters": "all"}
 
 
 def join(payloads: list[dict[str, Any]], names: list[str]) -> tuple[list[dict[str, Any]], argparse.Namespace]:
@@ -41,9 +43,9 @@ def join(payloads: list[dict[str, Any]], names: list[str]) -> tuple[list[dict[st
     """
     if not payloads:
         raise ValueError("Pass at least one results.json to join.")
-    first = payloads[0]["arguments"]
+    first = {**LATER_ARGUMENTS, **payloads[0]["arguments"]}
     for payload, name in zip(payloads[1:], names[1:], strict=True):
-        arguments = payload["arguments"]
+        arguments = {**LATER_ARGUMENTS, **payload["arguments"]}
         for key in sorted((set(first) | set(arguments)) - FREE_ARGUMENTS):
             if first.get(key) != arguments.get(key):
                 raise ValueError(

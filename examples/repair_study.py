@@ -323,18 +323,16 @@ SELECTED_COLUMNS = (
 
 def markdown_table(settings: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str:
     """Lay out the aggregated results as markdown: one table per setting, accuracies in percent."""
+    updated = (
+        ", updating only the parameters that FastIF differentiates" if args.update_parameters == "influence" else ""
+    )
     lines = [
         f"Accuracy in % (mean ± sample standard deviation over seeds {args.seeds}). `target` is the held-out "
         "target errors (0 before by construction), `held-out` the whole held-out target split, `source` the "
         f"source set. {args.num_steps} SGD steps of lr {args.lr:g}, {args.num_examples} examples a step, "
         f"anchor batches of {args.anchor_batch_size} drawn from the anchor split's "
         f"{'errors' if args.anchors_from == 'errors' else 'examples (errors and correct)'}, k={args.k}, "
-        f"LiSSA depth {args.depth}"
-        + (
-            ", updating only the parameters that FastIF differentiates."
-            if getattr(args, "update_parameters", "all") == "influence"
-            else "."
-        ),
+        f"LiSSA depth {args.depth}{updated}.",
         "",
     ]
     columns: tuple[tuple[str, str], ...] = COLUMNS

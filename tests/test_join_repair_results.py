@@ -58,7 +58,7 @@ def payload(name: str, seeds: dict[int, list[float]], **arguments: Any) -> dict[
     return {"arguments": {**ARGUMENTS, "seeds": sorted(seeds), **arguments}, "settings": [setting]}
 
 
-def test_seeds_of_a_setting_are_pooled() -> None:
+def test_setting_seeds_pooled() -> None:
     first = payload("lexical_overlap-hans", {0: [0.5, 0.52, 0.51], 1: [0.5, 0.55, 0.49]})
     second = payload("lexical_overlap-hans", {3: [0.5, 0.47, 0.46]}, output_dir="outputs/b")
     third = payload("lexical_overlap-mnli", {0: [0.4, 0.41, 0.42]}, heuristics=["constituent"])
@@ -91,6 +91,18 @@ def test_command_writes_joined_tables(tmp_path: Path) -> None:
     assert "| subsequence-hans | +3.0 ± 2.8 |" in markdown
     joined = json.loads((tmp_path / "joined" / "results.json").read_text())
     assert list(joined["settings"][0]["per_seed"]) == ["0", "1"]
+
+
+def test_older_run_joins_newer() -> None:
+    # Runs written before `update_parameters` existed used every parameter.
+    older = payload("constituent-hans", {0: [0.5, 0.5, 0.5]})
+    newer = payload("constituent-hans", {1: [0.5, 0.6, 0.6]}, update_parameters="all")
+    settings, args = join_repair_results.join([older, newer], ["a", "b"])
+    assert args.update_parameters == "all"
+    assert list(settings[0]["per_seed"]) == ["0", "1"]
+    other = payload("constituent-hans", {1: [0.5, 0.6, 0.6]}, update_parameters="influence")
+    with pytest.raises(ValueError, match="b ran with update_parameters='influence' but a with update_parameters='all'"):
+        join_repair_results.join([older, other], ["a", "b"])
 
 
 def test_same_seed_twice_is_rejected() -> None:

@@ -73,7 +73,7 @@ class FunctionalLoss:
 
     @property
     def batches_hvps(self) -> bool:
-        """Whether :meth:`hvps` runs one batched second backward pass for all rows.
+        """True when :meth:`hvps` runs one batched second backward pass for all rows.
 
         True up to ``BATCHED_HVPS_MAX_PARAMETERS`` differentiated parameters, until a batched pass has failed
         on this model.

@@ -252,7 +252,7 @@ def test_helpful_repairs_random_does_not(task: Task, model: SpuriousMLP, tmp_pat
     assert share >= MIN_HELPFUL_COUNTER_SHARE
 
 
-def test_index_rebuilt_from_current_weights_each_step(
+def test_index_rebuilt_each_step(
     task: Task, model: SpuriousMLP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     start = weights_fingerprint(model)
@@ -400,7 +400,7 @@ class HeadInfluenceMLP(SpuriousMLP):
         return [r"^head\."]
 
 
-def test_update_parameters_influence_changes_only_those(task: Task, tmp_path: Path) -> None:
+def test_influence_update_keeps_body(task: Task, tmp_path: Path) -> None:
     model = HeadInfluenceMLP()
     model.load_state_dict(fit_model(task.train).state_dict())
     start = tensors_of(model)
@@ -415,7 +415,7 @@ def test_update_parameters_influence_changes_only_those(task: Task, tmp_path: Pa
         assert not torch.equal(after[name], start[name]), name
 
 
-def test_update_parameters_all_changes_the_body(task: Task, tmp_path: Path) -> None:
+def test_all_update_changes_body(task: Task, tmp_path: Path) -> None:
     model = HeadInfluenceMLP()
     model.load_state_dict(fit_model(task.train).state_dict())
     start = tensors_of(model)
