@@ -27,6 +27,12 @@ SCORE_METHODS = ("auto", "gradient", "jvp")
 
 log = logging.getLogger(__name__)
 
+# Under score_method="auto", row_scores scores several rows in one pass over the union of their candidates
+# when at most this many parameters are differentiated. On such models a scoring call's fixed cost
+# dominates, so one call per batch of shared candidates beats a forward-mode call per row and batch.
+# NOTE: measured on a logistic model and two MLPs only (benchmarks/shared_scoring.py, docs/benchmarks.md).
+SHARED_SCORING_MAX_PARAMETERS = 32_768
+
 
 def check_score_method(score_method: str) -> None:
     """Raise ``ValueError`` unless ``score_method`` is one of :data:`SCORE_METHODS`."""
@@ -205,7 +211,10 @@ class InfluenceComputer:
         Row ``q`` of ``ihvps`` is scored on the training positions ``candidates[q]``, as
         ``scores(ihvps[q : q + 1], candidates[q])`` would. Under a process group each rank scores its
         share of every row's candidates and a single all-gather collects them all, where a call of
-        :meth:`scores` per row would exchange once per row.
+        :meth:`scores` per row would exchange once per row. Where scoring uses per-example gradients (see
+        :meth:`_scores_union`), all rows are scored together over the union of their candidates, which
+        computes each shared candidate's gradient once. Those scores equal the row-by-row ones up to
+        rounding.
 
         Args:
             ihvps: ``s_test`` vectors, shape ``[Q, P]``.
@@ -214,7 +223,7 @@ class InfluenceComputer:
 
         Returns:
             Each row's scores, shape ``[len(candidates[q])]``, and each row's seconds: its own scoring
-            plus an equal part of the exchange.
+            plus an equal part of the exchange, or an equal part of the whole when the rows share a pass.
         """
         if ihvps.dim() != 2 or ihvps.shape[0] != len(candidates):
             raise ValueError(
@@ -222,6 +231,8 @@ class InfluenceComputer:
             )
         if not candidates:
             return [], []
+        if self._scores_union(len(candidates)):
+            return self._union_row_scores(ihvps, candidates, progress=progress)
         rank, world_size = rank_and_world()
         local, seconds, row_sizes = [], [], []
         rows = tqdm(candidates, desc="FastIF scoring", disable=not progress or rank != 0 or len(candidates) == 1)
@@ -247,6 +258,34 @@ class InfluenceComputer:
                 pieces[r] = pieces[r][size:]
             results.append(torch.cat(parts))
         return results, [value + exchange for value in seconds]
+
+    def _scores_union(self, num_rows: int) -> bool:
+        """Return whether :meth:`row_scores` scores all rows together over the union of their candidates.
+
+        With ``score_method="gradient"`` the union computes each shared candidate's gradient once. With
+        "auto" it does so on models of at most ``SHARED_SCORING_MAX_PARAMETERS`` parameters, where it
+        replaces forward-mode calls per row. With "jvp", each row keeps its own forward-mode pass.
+        """
+        if num_rows < 2 or self._resolve_score_method(num_rows) != "gradient":
+            return False
+        return self.score_method == "gradient" or self.selection.numel <= SHARED_SCORING_MAX_PARAMETERS
+
+    def _union_row_scores(
+        self, ihvps: Tensor, candidates: Sequence[Sequence[int]], *, progress: bool
+    ) -> tuple[list[Tensor], list[float]]:
+        """Score every row on the union of the candidate lists with per-example gradients, then split it.
+
+        Under a process group :meth:`scores` splits the union over the ranks and gathers it in one exchange.
+        Each row's seconds are an equal part of the whole.
+        """
+        lists = [[int(i) for i in positions] for positions in candidates]
+        union = sorted(set().union(*lists))
+        begin = time.perf_counter()
+        table = self.scores(ihvps, union, progress=progress)
+        columns = {position: column for column, position in enumerate(union)}
+        rows = [table[row, [columns[i] for i in positions]] for row, positions in enumerate(lists)]
+        seconds = (time.perf_counter() - begin) / len(lists)
+        return rows, [seconds] * len(lists)
 
     def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
         chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]

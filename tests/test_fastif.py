@@ -53,7 +53,8 @@ def test_k_equal_n_matches_full_computation():
 
 
 def test_shared_solve_matches_queries_alone():
-    # explain() solves all queries in one LiSSA run, so each query's scores must equal explaining it alone.
+    # explain() solves all queries in one LiSSA run and scores them together, so each query's scores must
+    # equal explaining it alone, up to rounding.
     model = tiny_bert().double()
     train = token_items(24)
     items = token_items(3, seed=1)
@@ -62,7 +63,7 @@ def test_shared_solve_matches_queries_alone():
     for item, result in zip(items, together, strict=True):
         (alone,) = fastif.explain(default_collate([item]), mode="each")
         assert torch.equal(result.candidate_indices, alone.candidate_indices)
-        assert torch.equal(result.scores, alone.scores)
+        torch.testing.assert_close(result.scores, alone.scores, rtol=1e-12, atol=0)
         assert set(result.timings) == {"knn", "ihvp", "scores"}
 
 
@@ -79,7 +80,7 @@ def test_shared_solve_chunks_match(monkeypatch):
     assert len(chunked) == 3
     for expected, result in zip(whole, chunked, strict=True):
         assert torch.equal(result.candidate_indices, expected.candidate_indices)
-        assert torch.equal(result.scores, expected.scores)
+        torch.testing.assert_close(result.scores, expected.scores, rtol=1e-12, atol=0)
 
 
 def test_batched_rows_memory_bound(monkeypatch):

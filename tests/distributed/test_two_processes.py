@@ -114,12 +114,14 @@ def test_ddp_callback_matches_one_process(tmp_path):
         assert math.isclose(one["score"], two["score"], rel_tol=RTOL), (one, two)
     one_work = json.loads((tmp_path / "one" / "work_rank0.json").read_text())
     two_work = [json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text()) for rank in range(2)]
-    # Each of the two ranks ran half of every query's LiSSA repeats, scored half of its candidates and
-    # computed the kNN features of half of the training set.
+    # Each of the two ranks ran half of every query's LiSSA repeats, scored half of the candidates (the
+    # union of the queries' lists, which may be odd in size) and computed the kNN features of half of the
+    # training set.
     for work in two_work:
         assert work["repeats"] * 2 == one_work["repeats"]
-        assert work["scored"] * 2 == one_work["scored"]
+        assert work["scored"] in (one_work["scored"] // 2, (one_work["scored"] + 1) // 2)
         assert work["feature_rows"] * 2 == one_work["feature_rows"]
+    assert sum(work["scored"] for work in two_work) == one_work["scored"]
     assert one_work["feature_rows"] > 0
 
 
@@ -256,8 +258,11 @@ def test_fastif_explain_splits_queries(tmp_path):
         torch.testing.assert_close(result["scores"], scores, rtol=RTOL, atol=0)
     assert first["rows"] == [2, 1]
     assert second["rows"] == [2]
-    # One exchange of scores per chunk, carrying all of its queries' k=8 candidates: 4 x 8, then 1 x 8.
-    assert first["gathers"] == second["gathers"] == [32, 8]
+    # One exchange of scores per chunk, carrying the union of its queries' k=8 candidates: of the first 4
+    # queries, then of the last one.
+    unions = [len(set(candidates[:4].flatten().tolist())), 8]
+    assert unions[0] < 32
+    assert first["gathers"] == second["gathers"] == unions
 
 
 CANDIDATE_LISTS = [[4, 9, 1, 30, 22], [7], [], [0, 1, 2, 3, 5, 6, 8]]
@@ -284,7 +289,8 @@ def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str)
 
 
 def test_row_scores_match_scores_per_row(tmp_path):
-    # Lists of unequal length, one of them empty. Two processes and one give what `scores` gives row by row.
+    # Lists of unequal length, one of them empty, sharing candidate 1. Two processes and one give what
+    # `scores` gives row by row, up to rounding, because the rows are scored together.
     mp.spawn(row_scores_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ihvps, rows = scores_per_row()
     problem = logistic_problem(n=50)
@@ -292,7 +298,7 @@ def test_row_scores_match_scores_per_row(tmp_path):
     for row, positions in enumerate(CANDIDATE_LISTS):
         expected = computer.scores(ihvps[row : row + 1], positions)[0]
         assert rows[row].shape == (len(positions),)
-        torch.testing.assert_close(rows[row], expected, rtol=0, atol=0)
+        torch.testing.assert_close(rows[row], expected, rtol=1e-12, atol=0)
         for rank in range(2):
             torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[row], expected, rtol=RTOL, atol=0)
 

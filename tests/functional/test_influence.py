@@ -6,6 +6,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import lightning_fastif.influence
 from lightning_fastif import InfluenceComputer, compute_influences
 from lightning_fastif.functional import influence_mode
 from tests.helpers.problems import fit_logistic, logistic_problem
@@ -302,6 +303,66 @@ def test_auto_score_method_choice(num_queries, expected):
     assert counting.calls[other] == 0
     computer.score_method = "gradient"
     torch.testing.assert_close(scores, computer.scores(ihvps), rtol=1e-10, atol=1e-12)
+
+
+class _RecordingLoss(_CountingLoss):
+    """A ``_CountingLoss`` that also records the rows of every scoring call."""
+
+    def __init__(self, loss):
+        super().__init__(loss)
+        self.rows = {"jvp": 0, "gradient": 0}
+
+    def per_example_directional_derivatives(self, batch, vectors):
+        self.rows["jvp"] += len(batch[0])
+        return super().per_example_directional_derivatives(batch, vectors)
+
+    def per_example_gradients(self, batch, **options):
+        self.rows["gradient"] += len(batch[0])
+        return super().per_example_gradients(batch, **options)
+
+
+SHARED_CANDIDATES = [[0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7], [], [1, 7, 9]]
+
+
+def row_scores_recorded(score_method, monkeypatch=None, max_parameters=None):
+    problem = logistic_problem(n=30, d=5, seed=4)
+    computer = InfluenceComputer(
+        problem.model, problem.loss_fn, problem.dataset, solver="exact", damping=0.01, score_method=score_method
+    )
+    if max_parameters is not None:
+        monkeypatch.setattr(lightning_fastif.influence, "SHARED_SCORING_MAX_PARAMETERS", max_parameters)
+    ihvps = computer.ihvp(computer.query_gradients((problem.x[:4], problem.y[:4]), mode="each"))
+    recording = _RecordingLoss(computer.loss)
+    computer.loss = recording
+    rows, _ = computer.row_scores(ihvps, SHARED_CANDIDATES)
+    computer.loss = recording.loss
+    return computer, ihvps, rows, recording.rows
+
+
+@pytest.mark.parametrize("score_method", ["auto", "gradient"])
+def test_row_scores_share_candidate_gradients(score_method):
+    # Candidates 1, 3, 4, 5 and 7 appear in two lists: each gets one gradient, and the 4 rows one pass.
+    computer, ihvps, rows, scored = row_scores_recorded(score_method)
+    union = set().union(*SHARED_CANDIDATES)
+    assert scored == {"jvp": 0, "gradient": len(union)}
+    computer.score_method = "jvp"
+    for row, positions in enumerate(SHARED_CANDIDATES):
+        expected = computer.scores(ihvps[row : row + 1], positions)[0]
+        assert rows[row].shape == (len(positions),)
+        torch.testing.assert_close(rows[row], expected, rtol=1e-12, atol=0)
+
+
+def test_row_scores_jvp_scores_each_row():
+    _, _, _, scored = row_scores_recorded("jvp")
+    assert scored == {"jvp": sum(map(len, SHARED_CANDIDATES)), "gradient": 0}
+
+
+def test_row_scores_large_model_scores_each_row(monkeypatch):
+    # Above SHARED_SCORING_MAX_PARAMETERS "auto" keeps a forward-mode pass per row; "gradient" still scores the union.
+    _, _, _, scored = row_scores_recorded("auto", monkeypatch, max_parameters=4)
+    assert scored == {"jvp": sum(map(len, SHARED_CANDIDATES)), "gradient": 0}
+    _, _, _, scored = row_scores_recorded("gradient", monkeypatch, max_parameters=4)
+    assert scored == {"jvp": 0, "gradient": len(set().union(*SHARED_CANDIDATES))}
 
 
 class _TanhWithoutForwardAD(torch.autograd.Function):
