@@ -949,15 +949,36 @@ def _check_pool_labels(pool: Dataset, num_labels: int | None) -> None:
         return
     for position in range(len(pool)):  # type: ignore[arg-type]
         item = pool[position]
-        if not isinstance(item, dict) or "labels" not in item:
+        value = _item_label(item)
+        if value is None:
+            rank_zero_warn(
+                f"Pool example {position} is a {type(item).__name__} without a label that DataRepairCallback can "
+                "find, so the pool's labels are not checked. Give items a 'labels' or 'label' entry, or make "
+                "them (inputs, label) tuples."
+            )
             return
-        label = int(item["labels"])
+        tensor = torch.as_tensor(value)
+        if tensor.numel() != 1 or tensor.is_complex() or tensor.item() != int(tensor.item()):
+            raise ValueError(
+                f"Pool example {position} has label {value!r}, but a class label must be one integer id. "
+                "Pass a pool whose items carry one class id each."
+            )
+        label = int(tensor.item())
         if not 0 <= label < num_labels:
             raise ValueError(
                 f"Pool example {position} has label {label}, outside the model's label ids 0..{num_labels - 1}. "
                 f"Map the pool's labels into the model's {num_labels} classes (HANS non-entailment, for example, "
                 "to an MNLI class) or pass a pool with the model's labels."
             )
+
+
+def _item_label(item: Any) -> Any:
+    """Return a dataset item's label: its "labels" or "label" entry, the last element of a tuple, or None."""
+    if isinstance(item, dict):
+        return item.get("labels", item.get("label"))
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[-1]
+    return None
 
 
 def _val_dataset(trainer: pl.Trainer, index: int, name: str) -> Dataset:

@@ -15,7 +15,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -410,6 +410,86 @@ class NLIDataset(Dataset):
     def label_name(self, index: int) -> str:
         """Return the gold label as written in the data, such as ``"neutral"`` or ``"non-entailment"``."""
         return self._rows[index]["label"]
+
+
+class NLIFileDataset(NLIDataset):
+    """An :class:`NLIDataset` read from a JSON Lines file, so that a YAML config can name one by its path.
+
+    A LightningCLI config passes it wherever a dataset is expected, for example a repair pool that the
+    model never saw, or a target set of one HANS heuristic::
+
+        pool_dataset:
+          class_path: lightning_fastif.nli.NLIFileDataset
+          init_args: {path: hans/train.jsonl.gz, size: 300, sample: hans_subcases}
+
+    The rows are read with :func:`read_nli_jsonl`, kept to ``heuristic``, split by ``split_fraction`` and
+    then sampled down to ``size``, in that order.
+
+    Args:
+        path: A ``.jsonl`` or ``.jsonl.gz`` file, found with :func:`resolve_data_path`.
+        model_name_or_path: Tokenizer to load with ``lightning_fastif.nli.model.load_tokenizer``.
+        size: Rows to keep, or None for all.
+        sample: "random" draws ``size`` rows uniformly; "hans_subcases" spreads them evenly over the HANS
+            subcases with :func:`balanced_hans_sample`. Both keep the file order.
+        seed: Seed of the sample.
+        heuristic: Keep only HANS rows of this heuristic, such as ``lexical_overlap``.
+        split_fraction: Shuffle the rows with ``split_seed`` and keep the first ``split_fraction`` of
+            them (``split_part="first"``) or the rest (``"second"``). Two datasets with the same fraction
+            and seed and different parts share no row, so one file can give a pool and a held-out target.
+        split_part: "first" or "second".
+        split_seed: Seed of the split's shuffle.
+        max_length: Length every sequence is padded and truncated to, in tokens.
+
+    Raises:
+        ValueError: If a setting is out of range, or no row is left after the heuristic or the split.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        model_name_or_path: str = "all-MiniLM-L6-v2",
+        size: int | None = None,
+        sample: Literal["random", "hans_subcases"] = "random",
+        seed: int = 0,
+        heuristic: str | None = None,
+        split_fraction: float | None = None,
+        split_part: Literal["first", "second"] = "first",
+        split_seed: int = 0,
+        max_length: int = 128,
+    ) -> None:
+        if size is not None:
+            _check_positive("size", size)
+        if sample not in ("random", "hans_subcases"):
+            raise ValueError(f"`sample` must be 'random' or 'hans_subcases', but got {sample!r}.")
+        if split_part not in ("first", "second"):
+            raise ValueError(f"`split_part` must be 'first' or 'second', but got {split_part!r}.")
+        if split_fraction is not None and not 0.0 < split_fraction < 1.0:
+            raise ValueError(f"`split_fraction` must be in (0, 1) or None, but got {split_fraction!r}.")
+        rows = read_nli_jsonl(path)
+        if heuristic is not None:
+            found = sorted({str(row["heuristic"]) for row in rows if "heuristic" in row})
+            rows = [row for row in rows if row.get("heuristic") == heuristic]
+            if not rows:
+                raise ValueError(f"{path} has no row of heuristic {heuristic!r}. Its heuristics are {found}.")
+        if split_fraction is not None:
+            order = list(range(len(rows)))
+            random.Random(split_seed).shuffle(order)
+            cut = round(split_fraction * len(rows))
+            keep = sorted(order[:cut] if split_part == "first" else order[cut:])
+            if not keep:
+                raise ValueError(
+                    f"The {split_part} part of split_fraction={split_fraction} of {len(rows)} rows is empty. "
+                    "Choose a fraction that leaves rows in both parts."
+                )
+            rows = [rows[i] for i in keep]
+        if size is not None and size < len(rows):
+            if sample == "hans_subcases":
+                rows = balanced_hans_sample(rows, size, seed=seed)
+            else:
+                rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
+        from lightning_fastif.nli.model import load_tokenizer
+
+        super().__init__(rows, load_tokenizer(model_name_or_path), max_length=max_length)
 
 
 def _three_way_label(row: Mapping[str, Any]) -> int:

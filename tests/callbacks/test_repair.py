@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_fastif.callbacks import DataRepairCallback
-from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME
+from lightning_fastif.callbacks.repair import JSONL_NAME, SUMMARY_NAME, _check_pool_labels
 from lightning_fastif.fastif import FastIF
 from lightning_fastif.knn import weights_fingerprint
 from lightning_fastif.mixin import FastIFMixin
-from tests.helpers.cli import run_fit, use_small_data, use_tiny_bert
+from tests.helpers.cli import run_fit, use_small_data, use_tiny_bert, write_rows
 from tests.helpers.wandb_files import history_rows, offline_run_dir
 
 REPAIR_YAML = Path(__file__).resolve().parents[2] / "examples" / "mnli_hans" / "repair.yaml"
@@ -843,6 +843,50 @@ def test_repair_yaml_runs_after_fit(tmp_path: Path) -> None:
     assert any(row.get("repair/helpful/validation_acc") for row in rows)
 
 
+def test_repair_yaml_pool_and_target_files(tmp_path: Path) -> None:
+    # A pool the model never saw and a target split of another file, both named by path in the YAML.
+    config = yaml.safe_load(REPAIR_YAML.read_text(encoding="utf-8"))
+    use_small_data(config, tmp_path, hans_rows(12))
+    use_tiny_bert(config)
+    pool_path = write_rows(tmp_path / "hans_train.jsonl", hans_rows(60))
+    target_path = write_rows(tmp_path / "hans_eval.jsonl", hans_rows(40))
+    run_dir = tmp_path / "run"
+    config["trainer"].update(default_root_dir=str(run_dir), limit_train_batches=2, enable_progress_bar=False)
+    config["trainer"]["logger"] = False
+    (repair,) = config["trainer"]["callbacks"]
+    repair_dir = run_dir / "repair"
+
+    def file_dataset(path: str, **split: object) -> dict[str, Any]:
+        arguments = {"path": path, "model_name_or_path": "all-MiniLM-L6-v2", "max_length": 32, **split}
+        return {"class_path": "lightning_fastif.nli.NLIFileDataset", "init_args": arguments}
+
+    repair["init_args"].update(
+        target_dataloader_idx=None,
+        target_dataset=file_dataset(target_path, split_fraction=0.5, split_part="first", split_seed=0),
+        pool_dataset=file_dataset(pool_path),
+        strategies=["helpful", "harmful"],
+        num_steps=1,
+        anchor_batch_size=2,
+        num_examples=10,
+        k=None,
+        depth=5,
+        eval_batch_size=8,
+        output_dir=str(repair_dir),
+        progress=False,
+    )
+    result = run_fit(config, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((repair_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert summary["num_target"] == 20
+    records = read_jsonl(repair_dir / JSONL_NAME)
+    chosen = [i for r in records if r["step"] == 1 for i in r["example_indices"]]
+    assert len(chosen) == 20
+    # Positions in the 60-row pool file: the 40 training rows have no position 40 or above.
+    assert max(chosen) >= 40
+    assert max(chosen) < 60
+
+
 # Bad input.
 
 
@@ -940,6 +984,30 @@ def test_pool_label_outside_model_raises(task: Task, model: SpuriousMLP, tmp_pat
         ValueError, match=rf"Pool example 7 has label {bad_label}, outside the model's label ids 0\.\.1"
     ):
         callback.repair(quiet_trainer(), model)
+
+
+@pytest.mark.parametrize("bad_label", [torch.tensor([0, 1]), torch.tensor(0.5)])
+def test_pool_label_not_class_id_raises(task: Task, model: SpuriousMLP, tmp_path: Path, bad_label: Tensor) -> None:
+    items = [dict(item) for item in task.pool.items]
+    items[3]["labels"] = bad_label
+    callback = repair_callback(task, tmp_path, pool_dataset=SpuriousSet(items, set()))
+    with pytest.raises(ValueError, match=r"Pool example 3 has label tensor\(.*\), but a class label must be one"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_pool_tuple_label_outside_model_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:
+    # Tuple items are checked by their last element.
+    items = [(item["x"], item["labels"]) for item in task.pool.items]
+    items[5] = (items[5][0], torch.tensor(4))
+    callback = repair_callback(task, tmp_path, pool_dataset=items)
+    with pytest.raises(ValueError, match=r"Pool example 5 has label 4, outside the model's label ids 0\.\.1"):
+        callback.repair(quiet_trainer(), model)
+
+
+def test_pool_without_labels_warns(task: Task) -> None:
+    items = [{"x": item["x"], "y": item["labels"]} for item in task.pool.items]
+    with pytest.warns(UserWarning, match="Pool example 0 is a dict without a label that DataRepairCallback can find"):
+        _check_pool_labels(items, num_labels=2)
 
 
 def test_source_drop_policy_without_source_raises(task: Task, model: SpuriousMLP, tmp_path: Path) -> None:

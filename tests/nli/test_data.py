@@ -19,6 +19,7 @@ from lightning_fastif.nli.data import (
     MNLI_LABEL_TO_ID,
     NLIDataModule,
     NLIDataset,
+    NLIFileDataset,
     balanced_hans_sample,
     collate_nli,
     hans_nll_loss,
@@ -480,3 +481,55 @@ def test_data_module_loader_before_setup_raises(tokenizer_dir: Path, nli_files: 
     module = _data_module(tokenizer_dir, nli_files)
     with pytest.raises(RuntimeError, match=r"called before `setup\('fit'\)`"):
         module.train_dataloader()
+
+
+# NLIFileDataset: a dataset named by path, for configs.
+
+
+def test_file_dataset_keeps_heuristic(tokenizer_dir: Path, nli_files: dict[str, Path]) -> None:
+    dataset = NLIFileDataset(str(nli_files["hans_val"]), str(tokenizer_dir), heuristic="subsequence")
+    expected = [row for row in HANS_ROWS if row["heuristic"] == "subsequence"]
+    assert dataset.rows == expected
+    assert dataset.is_hans
+    assert dataset[0]["hans_labels"].item() == 1
+
+
+def test_file_dataset_split_parts_disjoint(tokenizer_dir: Path, nli_files: dict[str, Path]) -> None:
+    def part(name: str) -> list[str]:
+        dataset = NLIFileDataset(
+            str(nli_files["hans_val"]), str(tokenizer_dir), split_fraction=0.25, split_part=name, split_seed=3
+        )
+        return [row["premise"] for row in dataset.rows]
+
+    first, second = part("first"), part("second")
+    assert len(first) == round(0.25 * len(HANS_ROWS))
+    assert not set(first) & set(second)
+    assert sorted(first + second) == sorted(row["premise"] for row in HANS_ROWS)
+    assert part("first") == first
+
+
+def test_file_dataset_samples(tokenizer_dir: Path, nli_files: dict[str, Path]) -> None:
+    path = str(nli_files["hans_val"])
+    random_rows = NLIFileDataset(path, str(tokenizer_dir), size=5, seed=1).rows
+    assert len(random_rows) == 5
+    assert random_rows == NLIFileDataset(path, str(tokenizer_dir), size=5, seed=1).rows
+    spread = NLIFileDataset(path, str(tokenizer_dir), size=6, sample="hans_subcases", seed=1).rows
+    assert Counter(row["subcase"] for row in spread) == Counter({row["subcase"]: 1 for row in HANS_ROWS})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"heuristic": "negation"}, r"has no row of heuristic 'negation'. Its heuristics are \['constituent', "),
+        ({"split_fraction": 1.0}, r"`split_fraction` must be in \(0, 1\) or None, but got 1.0"),
+        ({"split_fraction": 0.01}, r"The first part of split_fraction=0.01 of 12 rows is empty"),
+        ({"split_part": "third"}, "`split_part` must be 'first' or 'second', but got 'third'"),
+        ({"sample": "stratified"}, "`sample` must be 'random' or 'hans_subcases', but got 'stratified'"),
+        ({"size": 0}, "`size` must be a positive integer, but got 0"),
+    ],
+)
+def test_file_dataset_invalid_input_raises(
+    tokenizer_dir: Path, nli_files: dict[str, Path], overrides: dict[str, object], pattern: str
+) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        NLIFileDataset(str(nli_files["hans_val"]), str(tokenizer_dir), **overrides)  # type: ignore[arg-type]
