@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=5000, help="training examples")
     parser.add_argument("--k", type=int, default=100, help="candidates per query")
     parser.add_argument("--queries", type=int, nargs="+", default=[10, 100], help="query counts")
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256], help="MLP hidden widths")
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="MLP hidden widths")
     parser.add_argument("--gradient-batch-size", type=int, default=32, help="candidates per scoring call")
     args = parser.parse_args()
     torch.set_num_threads(1)

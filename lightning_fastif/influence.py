@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 # Under score_method="auto", row_scores scores several rows in one pass over the union of their candidates
 # when at most this many parameters are differentiated. On such models a scoring call's fixed cost
-# dominates, so one call per batch of shared candidates beats a forward-mode call per row and batch.
-# NOTE: measured on a logistic model and two MLPs only (benchmarks/shared_scoring.py, docs/benchmarks.md).
-SHARED_SCORING_MAX_PARAMETERS = 32_768
+# dominates, so one gradient call per batch of shared candidates beats a forward-mode call per row and batch.
+# NOTE: measured on a logistic model and tanh MLPs only (benchmarks/shared_scoring.py, docs/benchmarks.md).
+# The union took 0.24 to 0.90 of the time up to 2,211 parameters, but 1.11 at 6,467 with 10 queries.
+SHARED_SCORING_MAX_PARAMETERS = 4_096
 
 
 def check_score_method(score_method: str) -> None:
