@@ -18,6 +18,7 @@ case "$prefix" in
     /*) ;;
     *) prefix="$root/$prefix" ;;
 esac
+mkdir -p "$(dirname "$prefix")"
 worktree=$(mktemp -d)
 git worktree add --quiet --detach "$worktree" "$commit"
 trap 'git worktree remove --force "$worktree"' EXIT
