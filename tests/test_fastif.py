@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import default_collate
 
 import lightning_fastif.fastif
+import lightning_fastif.influence
 from lightning_fastif import InfluenceComputer
 from lightning_fastif.fastif import FastIF, FastIFConfig
 from lightning_fastif.hf import sequence_classification_loss
@@ -52,13 +53,20 @@ def test_k_equal_n_matches_full_computation():
         torch.testing.assert_close(result.scores, expected[i, result.candidate_indices], rtol=1e-10, atol=1e-12)
 
 
-def test_shared_solve_matches_queries_alone():
-    # explain() solves all queries in one LiSSA run and scores them together, so each query's scores must
-    # equal explaining it alone, up to rounding.
+@pytest.mark.parametrize("shared_scoring", [False, True])
+def test_shared_solve_matches_queries_alone(monkeypatch, shared_scoring):
+    # explain() solves all queries in one LiSSA run, so each query's scores must equal explaining it
+    # alone. With the limit raised above the model's size the queries are also scored together over the
+    # union of their candidates, which may change the scores by rounding only.
     model = tiny_bert().double()
     train = token_items(24)
     items = token_items(3, seed=1)
     fastif = make_fastif(model, train, k=8)
+    numel = fastif.computer.selection.numel
+    assert numel > lightning_fastif.influence.SHARED_SCORING_MAX_PARAMETERS
+    if shared_scoring:
+        monkeypatch.setattr(lightning_fastif.influence, "SHARED_SCORING_MAX_PARAMETERS", numel)
+    assert fastif.computer._scores_union(len(items)) == shared_scoring
     together = fastif.explain(default_collate(items), mode="each")
     for item, result in zip(items, together, strict=True):
         (alone,) = fastif.explain(default_collate([item]), mode="each")
