@@ -117,9 +117,8 @@ def test_ddp_callback_matches_one_process(tmp_path):
         assert math.isclose(one["score"], two["score"], rel_tol=RTOL), (one, two)
     one_work = json.loads((tmp_path / "one" / "work_rank0.json").read_text())
     two_work = [json.loads((tmp_path / "two" / f"work_rank{rank}.json").read_text()) for rank in range(2)]
-    # Each of the two ranks ran half of every query's LiSSA repeats, scored half of the candidates (the
-    # union of the queries' lists, which may be odd in size) and computed the kNN features of half of the
-    # training set.
+    # Each of the two ranks ran half of every query's LiSSA repeats, scored half of the candidates (one
+    # more on one rank when their count is odd) and computed the kNN features of half of the training set.
     for work in two_work:
         assert work["repeats"] * 2 == one_work["repeats"]
         assert work["scored"] in (one_work["scored"] // 2, (one_work["scored"] + 1) // 2)
