@@ -29,10 +29,10 @@ from lightning_fastif import InfluenceComputer, LiSSASolver
 ROWS = (1, 8, 32, 64, 128, 256)
 
 
-def logistic() -> tuple[nn.Module, TensorDataset, object]:
+def logistic(num_train: int = 1000) -> tuple[nn.Module, TensorDataset, object]:
     model = nn.Linear(20, 1, bias=False).double()
-    x = torch.randn(1000, 20, dtype=torch.float64)
-    y = (torch.rand(1000, dtype=torch.float64) < torch.sigmoid(x.sum(1))).double()
+    x = torch.randn(num_train, 20, dtype=torch.float64)
+    y = (torch.rand(num_train, dtype=torch.float64) < torch.sigmoid(x.sum(1))).double()
 
     def loss_fn(module: nn.Module, batch: list) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(module(batch[0]).squeeze(-1), batch[1])
@@ -40,9 +40,9 @@ def logistic() -> tuple[nn.Module, TensorDataset, object]:
     return model, TensorDataset(x, y), loss_fn
 
 
-def mlp(width: int) -> tuple[nn.Module, TensorDataset, object]:
+def mlp(width: int, num_train: int = 1000) -> tuple[nn.Module, TensorDataset, object]:
     model = nn.Sequential(nn.Linear(32, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
-    data = TensorDataset(torch.randn(1000, 32), torch.randint(0, 3, (1000,)))
+    data = TensorDataset(torch.randn(num_train, 32), torch.randint(0, 3, (num_train,)))
 
     def loss_fn(module: nn.Module, batch: list) -> torch.Tensor:
         return F.cross_entropy(module(batch[0]), batch[1])

@@ -22,32 +22,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
+from batched_solve_rows import logistic, mlp
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_fastif import InfluenceComputer
-
-
-def logistic(num_train: int) -> tuple[nn.Module, TensorDataset, object]:
-    model = nn.Linear(20, 1, bias=False).double()
-    x = torch.randn(num_train, 20, dtype=torch.float64)
-    y = (torch.rand(num_train, dtype=torch.float64) < torch.sigmoid(x.sum(1))).double()
-
-    def loss_fn(module: nn.Module, batch: list) -> Tensor:
-        return F.binary_cross_entropy_with_logits(module(batch[0]).squeeze(-1), batch[1])
-
-    return model, TensorDataset(x, y), loss_fn
-
-
-def mlp(width: int, num_train: int) -> tuple[nn.Module, TensorDataset, object]:
-    model = nn.Sequential(nn.Linear(32, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
-    data = TensorDataset(torch.randn(num_train, 32), torch.randint(0, 3, (num_train,)))
-
-    def loss_fn(module: nn.Module, batch: list) -> Tensor:
-        return F.cross_entropy(module(batch[0]), batch[1])
-
-    return model, data, loss_fn
 
 
 def time_scoring(name: str, model: nn.Module, data: TensorDataset, loss_fn: object, args: argparse.Namespace) -> None:
