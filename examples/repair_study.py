@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import platform
-import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,23 +71,6 @@ def checkpoint_datamodule_hparams(checkpoint: str | Path) -> dict[str, Any]:
 def read_rows(path: str, size: int | None, seed: int) -> list[dict[str, Any]]:
     """Read at most ``size`` rows of an NLI file, a seeded uniform sample in file order."""
     return read_nli_jsonl(path, limit=size, seed=seed)
-
-
-def sample_rows(rows: Sequence[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
-    """Return ``size`` rows drawn at random (seeded) in their input order, or all rows when there are fewer."""
-    if size >= len(rows):
-        return [dict(row) for row in rows]
-    keep = sorted(random.Random(seed).sample(range(len(rows)), size))
-    return [dict(rows[i]) for i in keep]
-
-
-def split_rows(rows: Sequence[dict[str, Any]], first_fraction: float, seed: int) -> tuple[list, list]:
-    """Split rows at random (seeded) into two disjoint parts, the first with ``first_fraction`` of them."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    cut = round(first_fraction * len(rows))
-    first, second = sorted(order[:cut]), sorted(order[cut:])
-    return [dict(rows[i]) for i in first], [dict(rows[i]) for i in second]
 
 
 @dataclass

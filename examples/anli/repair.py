@@ -26,11 +26,9 @@ from repair_study import (  # noqa: E402
     dataset,
     read_rows,
     run_study,
-    sample_rows,
-    split_rows,
 )
 
-from lightning_fastif.nli import read_nli_jsonl  # noqa: E402
+from lightning_fastif.nli import read_nli_jsonl, sample_rows, split_rows  # noqa: E402
 
 ROUNDS = (1, 2, 3)
 

@@ -32,10 +32,9 @@ from repair_study import (  # noqa: E402
     dataset,
     read_rows,
     run_study,
-    sample_rows,
 )
 
-from lightning_fastif.nli import balanced_hans_sample, read_nli_jsonl  # noqa: E402
+from lightning_fastif.nli import balanced_hans_sample, read_nli_jsonl, sample_rows  # noqa: E402
 
 HEURISTICS = ("lexical_overlap", "subsequence", "constituent")
 POOLS = ("mnli", "hans")

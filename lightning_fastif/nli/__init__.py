@@ -18,6 +18,8 @@ from lightning_fastif.nli.data import (
     nli_loss,
     read_nli_jsonl,
     resolve_data_path,
+    sample_rows,
+    split_rows,
     to_hans_predictions,
 )
 from lightning_fastif.nli.model import (
@@ -57,5 +59,7 @@ __all__ = [
     "read_nli_jsonl",
     "resolve_data_path",
     "resolve_model_path",
+    "sample_rows",
+    "split_rows",
     "to_hans_predictions",
 ]

@@ -321,6 +321,32 @@ def balanced_hans_sample(rows: Sequence[Mapping[str, Any]], size: int, seed: int
     return [dict(rows[i]) for i in sorted(keep)]
 
 
+def sample_rows(rows: Sequence[Mapping[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
+    """Return copies of ``size`` rows drawn at random (seeded), in their input order.
+
+    With no more than ``size`` rows, all of them are returned.
+    """
+    if size >= len(rows):
+        return [dict(row) for row in rows]
+    keep = sorted(random.Random(seed).sample(range(len(rows)), size))
+    return [dict(rows[i]) for i in keep]
+
+
+def split_rows(
+    rows: Sequence[Mapping[str, Any]], first_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split copies of the rows at random (seeded) into two disjoint parts, each in input order.
+
+    The rows are shuffled with ``seed`` and the first ``round(first_fraction * len(rows))`` of the shuffle
+    form the first part, so the same fraction and seed always give the same parts.
+    """
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = round(first_fraction * len(rows))
+    first, second = sorted(order[:cut]), sorted(order[cut:])
+    return [dict(rows[i]) for i in first], [dict(rows[i]) for i in second]
+
+
 def _spread_quotas(available: dict[str, int], size: int, generator: random.Random) -> dict[str, int]:
     quotas = dict.fromkeys(available, 0)
     remaining = size
@@ -472,21 +498,19 @@ class NLIFileDataset(NLIDataset):
             if not rows:
                 raise ValueError(f"{path} has no row of heuristic {heuristic!r}. Its heuristics are {found}.")
         if split_fraction is not None:
-            order = list(range(len(rows)))
-            random.Random(split_seed).shuffle(order)
-            cut = round(split_fraction * len(rows))
-            keep = sorted(order[:cut] if split_part == "first" else order[cut:])
-            if not keep:
+            first, second = split_rows(rows, split_fraction, split_seed)
+            total = len(rows)
+            rows = first if split_part == "first" else second
+            if not rows:
                 raise ValueError(
-                    f"The {split_part} part of split_fraction={split_fraction} of {len(rows)} rows is empty. "
+                    f"The {split_part} part of split_fraction={split_fraction} of {total} rows is empty. "
                     "Choose a fraction that leaves rows in both parts."
                 )
-            rows = [rows[i] for i in keep]
         if size is not None and size < len(rows):
             if sample == "hans_subcases":
                 rows = balanced_hans_sample(rows, size, seed=seed)
             else:
-                rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
+                rows = sample_rows(rows, size, seed)
         from lightning_fastif.nli.model import load_tokenizer
 
         super().__init__(rows, load_tokenizer(model_name_or_path), max_length=max_length)

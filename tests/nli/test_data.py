@@ -27,6 +27,8 @@ from lightning_fastif.nli.data import (
     nli_loss,
     read_nli_jsonl,
     resolve_data_path,
+    sample_rows,
+    split_rows,
     to_hans_predictions,
 )
 from tests.nli.conftest import HANS_ROWS, MNLI_ROWS, write_jsonl
@@ -533,3 +535,23 @@ def test_file_dataset_invalid_input_raises(
 ) -> None:
     with pytest.raises(ValueError, match=pattern):
         NLIFileDataset(str(nli_files["hans_val"]), str(tokenizer_dir), **overrides)  # type: ignore[arg-type]
+
+
+def test_split_rows_parts_disjoint() -> None:
+    first, second = split_rows(HANS_ROWS, 0.25, seed=3)
+    assert len(first) == 3
+    assert len(second) == len(HANS_ROWS) - 3
+    assert sorted(row["premise"] for row in first + second) == sorted(row["premise"] for row in HANS_ROWS)
+    assert [HANS_ROWS.index(row) for row in first] == sorted(HANS_ROWS.index(row) for row in first)
+    assert split_rows(HANS_ROWS, 0.25, seed=3) == (first, second)
+    assert split_rows(HANS_ROWS, 0.25, seed=4) != (first, second)
+
+
+def test_sample_rows_seeded_in_order() -> None:
+    sample = sample_rows(MNLI_ROWS, 4, seed=2)
+    positions = [MNLI_ROWS.index(row) for row in sample]
+    assert len(sample) == 4
+    assert positions == sorted(positions)
+    assert sample_rows(MNLI_ROWS, 4, seed=2) == sample
+    assert sample_rows(MNLI_ROWS, 10, seed=2) == MNLI_ROWS
+    assert sample_rows(MNLI_ROWS, 10, seed=2)[0] is not MNLI_ROWS[0]
