@@ -448,7 +448,7 @@ class NLIFileDataset(NLIDataset):
           class_path: lightning_fastif.nli.NLIFileDataset
           init_args: {path: hans/train.jsonl.gz, size: 300, sample: hans_subcases}
 
-    The rows are read with :func:`read_nli_jsonl`, kept to ``heuristic``, split by ``split_fraction`` and
+    The rows are read with :func:`read_nli_jsonl`, filtered to ``heuristic``, split by ``split_fraction`` and
     then sampled down to ``size``, in that order.
 
     Args:
