@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from lightning_fastif.distributed import all_gather_columns, rank_and_world, share
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch, slice_batch
+from lightning_fastif.functional.data import TrainingSet
 from lightning_fastif.functional.params import ParameterSpec, influence_mode
 from lightning_fastif.functional.scores import TopInfluences, top_influences
 from lightning_fastif.functional.solvers import LiSSASolver
@@ -223,17 +223,15 @@ class FastIF:
             rank, world_size = 0, 1  # Too few examples to give every rank one: each computes them all.
         shares = [share(self.num_train, r, world_size) for r in range(world_size)]
         start, stop = shares[rank]
-        dataset = self.train_dataset if world_size == 1 else Subset(self.train_dataset, range(start, stop))
-        loader = DataLoader(
-            dataset, batch_size=self.config.feature_batch_size, shuffle=False, collate_fn=self.collate_fn
-        )
         device = self.computer.device
-
-        def features(batch: Any) -> Tensor:
-            return self.features_fn(move_batch(batch, device))
-
+        # A TrainingSet indexes a TensorDataset with a whole batch of positions at once, which on small
+        # models made the feature pass several times faster than a DataLoader's read per item.
+        rows = TrainingSet(self.train_dataset, collate_fn=self.collate_fn, device=device, indices=range(start, stop))
+        batches = _FullPass(rows, self.config.feature_batch_size)
         with influence_mode(self.model):
-            local, _ = compute_features(features, loader, progress=progress and rank == 0, desc="kNN train features")
+            local, _ = compute_features(
+                self.features_fn, batches, progress=progress and rank == 0, desc="kNN train features"
+            )
         if local.shape[0] != stop - start:
             raise ValueError(
                 f"The features function returned {local.shape[0]} rows for {stop - start} training examples."
@@ -266,6 +264,17 @@ class FastIF:
         _, neighbors = index.search_mean(features, self.config.k)
         return neighbors
 
+    def row_candidates(self, features: Tensor) -> Tensor:
+        """Return the kNN candidate train indices ``[B, k]`` of each row of ``features`` ``[B, D]``.
+
+        One faiss search serves every row, so each row gets the candidates that :meth:`candidates` gives
+        for that row alone.
+        """
+        if self.config.k is None:
+            return torch.arange(self.num_train).repeat(features.shape[0], 1)
+        _, neighbors = self.refresh_index().search(features, self.config.k)
+        return neighbors
+
     def explain(
         self,
         query_batch: Any,
@@ -282,8 +291,8 @@ class FastIF:
             mode: "each" makes every example its own query; "mean" makes one query of the batch's mean loss,
                 with kNN on the mean feature (FastIF's anchor batches).
             query_indices: Dataset indices of the query examples, stored in the results.
-            progress: Show progress bars over the kNN feature pass, the queries, the LiSSA steps and the
-                candidate scoring.
+            progress: Show progress bars over the kNN feature pass, the LiSSA steps and the candidate
+                scoring.
             solver: LiSSA solver for this and later calls, which replaces the configured one (for example
                 with another seed). Under a process group its repeats, and with fewer repeats than ranks the
                 queries, are split across ranks (see :meth:`InfluenceComputer.lissa_grid`).
@@ -294,17 +303,18 @@ class FastIF:
             self.refresh_index(progress=progress)
         if solver is not None:
             self.computer.solver = solver
-        groups = [(slice_batch(query_batch, i, i + 1), ids[i : i + 1]) for i in range(size)]
         if mode == "mean":
-            groups = [(query_batch, ids)]
-        elif mode != "each":
+            return self._explain_groups(query_batch, [ids], each=False, progress=progress)
+        if mode != "each":
             raise ValueError(f"`mode` must be 'each' or 'mean', but got {mode!r}.")
         # Under a process group that splits the query rows, each rank solves up to rows_per_solve rows.
-        _, query_groups = self.computer.lissa_grid(len(groups))
+        _, query_groups = self.computer.lissa_grid(size)
         chunk = self.rows_per_solve() * query_groups
         results: list[QueryInfluence] = []
-        for start in range(0, len(groups), chunk):
-            results += self._explain_groups(groups[start : start + chunk], progress=progress)
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            rows = query_batch if (start, stop) == (0, size) else slice_batch(query_batch, start, stop)
+            results += self._explain_groups(rows, list(ids[start:stop, None]), each=True, progress=progress)
         return results
 
     def rows_per_solve(self) -> int:
@@ -323,24 +333,31 @@ class FastIF:
             return min(SHARED_SOLVE_QUERIES, LARGE_MODEL_SOLVE_QUERIES)
         return SHARED_SOLVE_QUERIES
 
-    def _explain_groups(self, groups: list[tuple[Any, Tensor]], *, progress: bool) -> list[QueryInfluence]:
-        """Run the kNN search per query, one LiSSA solve for all queries together, then score all of them.
+    def _explain_groups(
+        self, batch: Any, query_ids: list[Tensor], *, each: bool, progress: bool
+    ) -> list[QueryInfluence]:
+        """Run the kNN search, one LiSSA solve for all queries together, then score all of them.
+
+        With ``each=True`` every example of ``batch`` is a query: its features, kNN search and query
+        gradients come from one call each for the whole batch. With ``each=False`` the batch's mean loss is
+        the single query, searched by its mean feature.
 
         The solve takes every query gradient as one row of ``[Q, P]``. LiSSA treats rows independently and
         draws the same seeded batches for every row, so each query's ``s_test`` equals a solve of
         that query alone. Sharing the solve draws each training batch and its first-order graph once per
-        step instead of once per query. Each result's "ihvp" timing is the shared solve's seconds over Q.
-        The caller passes at most :meth:`rows_per_solve` queries per query group of
+        step instead of once per query. Each result's "knn" and "ihvp" timings are the seconds of the
+        whole batch over Q. The caller passes at most :meth:`rows_per_solve` queries per query group of
         :meth:`InfluenceComputer.lissa_grid`, which bounds the ``[Q, P]`` tensors of each rank's solve.
         Under a process group the scores of all queries come back in one exchange
         (:meth:`InfluenceComputer.row_scores`).
         """
-        knn_seconds, candidates = [], []
-        bar = tqdm(groups, desc="FastIF kNN", disable=not progress or len(groups) == 1)
-        for batch, _ in bar:
-            start = time.perf_counter()
-            candidates.append(self.candidates(self.query_features(batch)))
-            knn_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        features = self.query_features(batch)
+        if each:
+            candidates = list(self.row_candidates(features))
+        else:
+            candidates = [self.candidates(features)]
+        knn_seconds = (time.perf_counter() - start) / len(query_ids)
 
         start = time.perf_counter()
         configured = self.computer.solver
@@ -348,18 +365,32 @@ class FastIF:
             # LiSSA is the longest stage, so it gets a bar too; the configured solver is put back after.
             self.computer.solver = replace(configured, progress=True)
         try:
-            query_gradients = torch.cat([self.computer.query_gradients(batch) for batch, _ in groups])
+            query_gradients = self.computer.query_gradients(batch, mode="each" if each else "mean")
             s_tests = self.computer.ihvp(query_gradients)
         finally:
             self.computer.solver = configured
-        ihvp_seconds = (time.perf_counter() - start) / len(groups)
+        ihvp_seconds = (time.perf_counter() - start) / len(query_ids)
 
         # Under a process group each rank scores its share of every query's candidates, and one exchange
         # gathers the scores of all queries.
         scores, score_seconds = self.computer.row_scores(s_tests, [c.tolist() for c in candidates], progress=progress)
         results = []
-        for row, (_, query_ids) in enumerate(groups):
-            timings = {"knn": knn_seconds[row], "ihvp": ihvp_seconds, "scores": score_seconds[row]}
+        for row, ids in enumerate(query_ids):
+            timings = {"knn": knn_seconds, "ihvp": ihvp_seconds, "scores": score_seconds[row]}
             top = top_influences(scores[row], self.config.top_k, candidates[row])
-            results.append(QueryInfluence(query_ids, candidates[row], scores[row].detach().cpu(), top, timings))
+            results.append(QueryInfluence(ids, candidates[row], scores[row].detach().cpu(), top, timings))
         return results
+
+
+class _FullPass:
+    """The batches of one in-order pass over a :class:`TrainingSet`, with a length for progress bars."""
+
+    def __init__(self, rows: TrainingSet, batch_size: int) -> None:
+        self.rows = rows
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (batch for batch, _ in self.rows.full_pass(self.batch_size))

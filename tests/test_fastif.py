@@ -152,6 +152,78 @@ def test_candidates_are_nearest_neighbours():
     assert result.candidate_indices.tolist() == expected.tolist()
 
 
+def test_each_query_batch_searched_and_differentiated_once(monkeypatch):
+    # In "each" mode a chunk of queries gets one features call, one faiss search and one per-example
+    # gradient call; every row keeps the candidates and query gradient it would get alone.
+    model = tiny_bert().double()
+    items = token_items(4, seed=1)
+    query = default_collate(items)
+    calls = {"features": 0, "search": 0, "gradients": []}
+
+    def features(batch):
+        calls["features"] += 1
+        return classifier_input_features(model, batch)
+
+    fastif = FastIF(
+        model,
+        sequence_classification_loss,
+        features,
+        token_items(24),
+        parameters=PARAMETERS,
+        config=FastIFConfig(**SETTINGS, k=6),
+    )
+    index = fastif.refresh_index()
+    search = index.search
+    monkeypatch.setattr(
+        index, "search", lambda queries, k: calls.__setitem__("search", calls["search"] + 1) or search(queries, k)
+    )
+    gradients = fastif.computer.query_gradients
+
+    def recording_gradients(batch, *, mode="mean"):
+        calls["gradients"].append(mode)
+        calls["rows"] = gradients(batch, mode=mode)
+        return calls["rows"]
+
+    monkeypatch.setattr(fastif.computer, "query_gradients", recording_gradients)
+    calls["features"] = 0
+    results = fastif.explain(query, mode="each")
+    assert calls["features"] == 1 and calls["search"] == 1 and calls["gradients"] == ["each"]
+    for row, (item, result) in enumerate(zip(items, results, strict=True)):
+        alone = fastif.candidates(fastif.query_features(default_collate([item])))
+        assert torch.equal(result.candidate_indices, alone)
+        torch.testing.assert_close(calls["rows"][row], gradients(default_collate([item]))[0], rtol=1e-12, atol=1e-15)
+
+
+def test_row_candidates_without_k_list_every_example():
+    model = tiny_bert()
+    fastif = make_fastif(model, token_items(7), k=None)
+    rows = fastif.row_candidates(torch.zeros(3, 4))
+    assert rows.tolist() == [list(range(7))] * 3
+    rows[0, 0] = 99  # each row is its own storage
+    assert rows[1, 0] == 0
+
+
+def test_tensor_training_set_features_read_in_batches(monkeypatch):
+    # The kNN feature pass indexes a TensorDataset with all positions of a batch at once, never item by
+    # item, and returns the rows in dataset order.
+    x = torch.randn(50, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).double()
+    train = torch.utils.data.TensorDataset(x, y)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+
+    def loss_fn(module, batch):
+        return torch.nn.functional.binary_cross_entropy_with_logits(module(batch[0]).squeeze(-1), batch[1])
+
+    fastif = FastIF(model, loss_fn, lambda batch: batch[0], train, config=FastIFConfig(k=5, feature_batch_size=8))
+    reads = []
+    item = torch.utils.data.TensorDataset.__getitem__
+    monkeypatch.setattr(torch.utils.data.TensorDataset, "__getitem__", lambda self, i: reads.append(i) or item(self, i))
+    index = fastif.refresh_index()
+    assert reads == []
+    _, neighbors = index.search(x[:3], 1)
+    assert neighbors[:, 0].tolist() == [0, 1, 2]
+
+
 def test_top_examples_carry_sign():
     model = tiny_bert().double()
     fastif = make_fastif(model, token_items(20), k=20, top_k=3)
