@@ -276,17 +276,38 @@ class InfluenceComputer:
     ) -> tuple[list[Tensor], list[float]]:
         """Score every row on the union of the candidate lists with per-example gradients, then split it.
 
-        Under a process group :meth:`scores` splits the union over the ranks and gathers it in one exchange.
-        Each row's seconds are an equal part of the whole.
+        Under a process group each rank scores a contiguous share of the union's columns and sends only
+        the entries that some row asks for: ``sum(len(c) for c in candidates)`` scores in all, where the
+        whole ``[Q, len(union)]`` table would carry every row's score of every candidate. Each row's
+        seconds are an equal part of the whole.
         """
-        lists = [[int(i) for i in positions] for positions in candidates]
-        union = sorted(set().union(*lists))
         begin = time.perf_counter()
-        table = self.scores(ihvps, union, progress=progress)
-        columns = {position: column for column, position in enumerate(union)}
-        rows = [table[row, [columns[i] for i in positions]] for row, positions in enumerate(lists)]
-        seconds = (time.perf_counter() - begin) / len(lists)
-        return rows, [seconds] * len(lists)
+        lengths = [len(positions) for positions in candidates]
+        flat = torch.as_tensor([int(i) for positions in candidates for i in positions], dtype=torch.long)
+        entry_rows = torch.repeat_interleave(torch.arange(len(candidates)), torch.as_tensor(lengths))
+        union = torch.unique(flat)  # sorted
+        columns = torch.searchsorted(union, flat)
+        rank, world_size = rank_and_world()
+        shares = [share(len(union), r, world_size) for r in range(world_size)]
+        start, stop = shares[rank]
+        local = self._score_positions(ihvps, union[start:stop].tolist(), progress=progress and rank == 0)
+        entry_rows, columns = entry_rows.to(local.device), columns.to(local.device)
+        if world_size == 1:
+            values = local[entry_rows, columns]
+        else:
+            # Entry e belongs to the rank whose share holds its column; each rank sends its entries in
+            # entry order, and the gathered pieces are put back in place.
+            boundaries = torch.as_tensor([b for _, b in shares[:-1]], device=local.device)
+            owners = torch.bucketize(columns, boundaries, right=True)
+            mine = (owners == rank).nonzero().squeeze(1)
+            sent = local[entry_rows[mine], columns[mine] - start]
+            sizes = torch.bincount(owners, minlength=world_size).tolist()
+            order = torch.argsort(owners, stable=True)
+            values = torch.empty(len(flat), dtype=local.dtype, device=local.device)
+            values[order] = all_gather_columns(sent[None], sizes)[0]
+        rows = list(values.split(lengths))
+        seconds = (time.perf_counter() - begin) / len(candidates)
+        return rows, [seconds] * len(candidates)
 
     def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
         chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]

@@ -282,10 +282,20 @@ def scores_per_row():
 def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    import lightning_fastif.influence
+
+    gathers = []
+    gather = lightning_fastif.influence.all_gather_columns
+
+    def record_gather(local, sizes):
+        gathers.append(sizes)
+        return gather(local, sizes)
+
+    lightning_fastif.influence.all_gather_columns = record_gather
     try:
         torch.set_num_threads(1)
         _, rows = scores_per_row()
-        torch.save(rows, f"{out_dir}/rank{rank}.pt")
+        torch.save({"rows": rows, "gathers": gathers}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -297,12 +307,18 @@ def test_row_scores_match_scores_per_row(tmp_path):
     ihvps, rows = scores_per_row()
     problem = logistic_problem(n=50)
     computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
+    saved = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for row, positions in enumerate(CANDIDATE_LISTS):
         expected = computer.scores(ihvps[row : row + 1], positions)[0]
         assert rows[row].shape == (len(positions),)
         torch.testing.assert_close(rows[row], expected, rtol=1e-12, atol=0)
-        for rank in range(2):
-            torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[row], expected, rtol=RTOL, atol=0)
+        for result in saved:
+            torch.testing.assert_close(result["rows"][row], expected, rtol=RTOL, atol=0)
+    # The 12 distinct candidates are split 6 and 6 in sorted order: [0, 1, 2, 3, 4, 5] and [6, 7, 8, 9,
+    # 22, 30]. One exchange carries the 13 requested scores, each from the rank that owns its candidate.
+    assert computer._scores_union(len(CANDIDATE_LISTS))
+    for result in saved:
+        assert result["gathers"] == [[7, 6]]
 
 
 def test_row_scores_rejects_mismatched_rows():
