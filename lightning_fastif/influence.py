@@ -295,8 +295,8 @@ class InfluenceComputer:
         if world_size == 1:
             values = local[entry_rows, columns]
         else:
-            # Entry e belongs to the rank whose share holds its column; each rank sends its entries in
-            # entry order, and the gathered pieces are put back in place.
+            # Each entry belongs to the rank whose share contains its column. Each rank sends its entries
+            # in entry order, and the gathered pieces are put back in place.
             boundaries = torch.as_tensor([b for _, b in shares[:-1]], device=local.device)
             owners = torch.bucketize(columns, boundaries, right=True)
             mine = (owners == rank).nonzero().squeeze(1)

@@ -152,9 +152,9 @@ def test_candidates_are_nearest_neighbours():
     assert result.candidate_indices.tolist() == expected.tolist()
 
 
-def test_each_query_batch_searched_and_differentiated_once(monkeypatch):
+def test_query_chunk_searched_once(monkeypatch):
     # In "each" mode a chunk of queries gets one features call, one faiss search and one per-example
-    # gradient call; every row keeps the candidates and query gradient it would get alone.
+    # gradient call. Every row keeps the candidates and the query gradient that it would get alone.
     model = tiny_bert().double()
     items = token_items(4, seed=1)
     query = default_collate(items)
@@ -187,14 +187,16 @@ def test_each_query_batch_searched_and_differentiated_once(monkeypatch):
     monkeypatch.setattr(fastif.computer, "query_gradients", recording_gradients)
     calls["features"] = 0
     results = fastif.explain(query, mode="each")
-    assert calls["features"] == 1 and calls["search"] == 1 and calls["gradients"] == ["each"]
+    assert calls["features"] == 1
+    assert calls["search"] == 1
+    assert calls["gradients"] == ["each"]
     for row, (item, result) in enumerate(zip(items, results, strict=True)):
         alone = fastif.candidates(fastif.query_features(default_collate([item])))
         assert torch.equal(result.candidate_indices, alone)
         torch.testing.assert_close(calls["rows"][row], gradients(default_collate([item]))[0], rtol=1e-12, atol=1e-15)
 
 
-def test_row_candidates_without_k_list_every_example():
+def test_row_candidates_without_k():
     model = tiny_bert()
     fastif = make_fastif(model, token_items(7), k=None)
     rows = fastif.row_candidates(torch.zeros(3, 4))
@@ -203,7 +205,7 @@ def test_row_candidates_without_k_list_every_example():
     assert rows[1, 0] == 0
 
 
-def test_tensor_training_set_features_read_in_batches(monkeypatch):
+def test_tensor_features_read_in_batches(monkeypatch):
     # The kNN feature pass indexes a TensorDataset with all positions of a batch at once, never item by
     # item, and returns the rows in dataset order.
     x = torch.randn(50, 3, dtype=torch.float64)
