@@ -6,6 +6,7 @@ The data path of one run: query features -> kNN search -> ``k`` candidate train 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from lightning_fastif.distributed import all_gather_columns, rank_and_world, share
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch, slice_batch
@@ -124,11 +126,13 @@ class QueryInfluence:
     Attributes:
         query_indices: Dataset indices of the query examples, shape ``[A]`` (one entry unless anchored).
         candidate_indices: Train indices of the kNN candidates, nearest first, shape ``[k]``. With
-            ``k=None``, every training index in dataset order, shape ``[N]``.
+            ``k=None``, every training index in dataset order, shape ``[N]``. An approximate index can
+            find fewer than ``k`` neighbours, and then the list is shorter.
         scores: Score of each candidate, negative is helpful, shape ``[k]``.
         top: The most helpful and harmful candidates.
-        timings: Seconds spent in each stage: "knn", "ihvp", "scores". All queries of one
-            :meth:`FastIF.explain` call share one LiSSA solve, so "ihvp" is its seconds over the queries.
+        timings: Seconds spent in each stage: "knn", "ihvp", "scores". The queries of one chunk of
+            :meth:`FastIF.explain` share one kNN search, one LiSSA solve and, on small models, one scoring
+            pass, so each of these is the chunk's seconds over its queries.
     """
 
     query_indices: Tensor
@@ -224,9 +228,8 @@ class FastIF:
         shares = [share(self.num_train, r, world_size) for r in range(world_size)]
         start, stop = shares[rank]
         device = self.computer.device
-        # A TrainingSet indexes a TensorDataset with a whole batch of positions at once. On 5,000 examples
-        # of 20 features that took the index stage from 0.016 to 0.005 s against a DataLoader's read per
-        # item (docs/benchmarks.md).
+        # A TrainingSet indexes a TensorDataset with a whole batch of positions at once, where a DataLoader
+        # reads and collates the examples one by one.
         rows = TrainingSet(self.train_dataset, collate_fn=self.collate_fn, device=device, indices=range(start, stop))
         batches = _FullPass(rows, self.config.feature_batch_size)
         with influence_mode(self.model):
@@ -269,7 +272,8 @@ class FastIF:
         """Return the kNN candidate train indices ``[B, k]`` of each row of ``features`` ``[B, D]``.
 
         One faiss search serves every row, so each row gets the candidates that :meth:`candidates` gives
-        for that row alone. Every rank of a process group searches all rows. A split search would add an
+        for that row alone. An approximate index marks missing neighbours with -1, which
+        :meth:`explain` drops. Every rank of a process group searches all rows. A split search would add an
         exchange and a wait for the slower rank, and the search of a solve's queries is short next to LiSSA.
         """
         if self.config.k is None:
@@ -293,8 +297,8 @@ class FastIF:
             mode: "each" makes every example its own query; "mean" makes one query of the batch's mean loss,
                 with kNN on the mean feature (FastIF's anchor batches).
             query_indices: Dataset indices of the query examples, stored in the results.
-            progress: Show progress bars over the kNN feature pass, the LiSSA steps and the candidate
-                scoring.
+            progress: Show progress bars over the kNN feature pass, the query chunks, the LiSSA steps and
+                the candidate scoring.
             solver: LiSSA solver for this and later calls, which replaces the configured one (for example
                 with another seed). Under a process group its repeats, and with fewer repeats than ranks the
                 queries, are split across ranks (see :meth:`InfluenceComputer.lissa_grid`).
@@ -313,7 +317,8 @@ class FastIF:
         _, query_groups = self.computer.lissa_grid(size)
         chunk = self.rows_per_solve() * query_groups
         results: list[QueryInfluence] = []
-        for start in range(0, size, chunk):
+        starts = range(0, size, chunk)
+        for start in tqdm(starts, desc="FastIF query chunks", disable=not progress or len(starts) == 1):
             stop = min(start + chunk, size)
             rows = query_batch if (start, stop) == (0, size) else slice_batch(query_batch, start, stop)
             results += self._explain_groups(rows, list(ids[start:stop, None]), each=True, progress=progress)
@@ -340,9 +345,10 @@ class FastIF:
     ) -> list[QueryInfluence]:
         """Run the kNN search, one LiSSA solve for all queries together, then score all of them.
 
-        With ``each=True`` every example of ``batch`` is a query: its features, kNN search and query
-        gradients come from one call each for the whole batch. With ``each=False`` the batch's mean loss is
-        the single query, searched by its mean feature.
+        With ``each=True`` every example of ``batch`` is a query. Their features and query gradients are
+        computed in slices of ``feature_batch_size`` and ``gradient_batch_size`` examples, and one faiss
+        search serves them all. With ``each=False`` the batch's mean loss is the single query, searched by
+        its mean feature.
 
         The solve takes every query gradient as one row of ``[Q, P]``. LiSSA treats rows independently and
         draws the same seeded batches for every row, so each query's ``s_test`` equals a solve of
@@ -354,11 +360,12 @@ class FastIF:
         (:meth:`InfluenceComputer.row_scores`).
         """
         start = time.perf_counter()
-        features = self.query_features(batch)
         if each:
-            candidates = list(self.row_candidates(features))
+            features = self._in_batches(self.query_features, batch, self.config.feature_batch_size)
+            found = list(self.row_candidates(features))
         else:
-            candidates = [self.candidates(features)]
+            found = [self.candidates(self.query_features(batch))]
+        candidates = [row[row >= 0].clone() for row in found]
         knn_seconds = (time.perf_counter() - start) / len(query_ids)
 
         start = time.perf_counter()
@@ -367,7 +374,11 @@ class FastIF:
             # LiSSA is the longest stage, so it gets a bar too; the configured solver is put back after.
             self.computer.solver = replace(configured, progress=True)
         try:
-            query_gradients = self.computer.query_gradients(batch, mode="each" if each else "mean")
+            if each:
+                gradients = functools.partial(self.computer.query_gradients, mode="each")
+                query_gradients = self._in_batches(gradients, batch, self.config.gradient_batch_size)
+            else:
+                query_gradients = self.computer.query_gradients(batch)
             s_tests = self.computer.ihvp(query_gradients)
         finally:
             self.computer.solver = configured
@@ -382,6 +393,14 @@ class FastIF:
             top = top_influences(scores[row], self.config.top_k, candidates[row])
             results.append(QueryInfluence(ids, candidates[row], scores[row].detach().cpu(), top, timings))
         return results
+
+    @staticmethod
+    def _in_batches(function: Callable[[Any], Tensor], batch: Any, batch_size: int) -> Tensor:
+        """Apply ``function`` to slices of at most ``batch_size`` examples and concatenate the results."""
+        size = batch_size_of(batch, name="query_batch")
+        if size <= batch_size:
+            return function(batch)
+        return torch.cat([function(slice_batch(batch, i, i + batch_size)) for i in range(0, size, batch_size)])
 
 
 class _FullPass:

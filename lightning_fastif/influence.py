@@ -121,7 +121,7 @@ class InfluenceComputer:
             if mode == "mean":
                 return self.loss.gradient(batch).unsqueeze(0)
             if mode == "each":
-                return self.loss.per_example_gradients(batch, vectorize=self.vectorize)
+                return self.loss.per_example_gradients(batch, vectorize=self.vectorize, examples="query examples")
         raise ValueError(f"`mode` must be 'mean' or 'each', but got {mode!r}.")
 
     def ihvp(self, query_gradients: Tensor) -> Tensor:
@@ -277,9 +277,9 @@ class InfluenceComputer:
         """Score every row on the union of the candidate lists with per-example gradients, then split it.
 
         Under a process group each rank scores a contiguous share of the union's columns and sends only
-        the entries that some row asks for: ``sum(len(c) for c in candidates)`` scores in all, where the
-        whole ``[Q, len(union)]`` table would carry every row's score of every candidate. Each row's
-        seconds are an equal part of the whole.
+        the entries that some row requests, padded to the largest rank's count, where the whole
+        ``[Q, len(union)]`` table would carry every row's score of every candidate. Each row's seconds are
+        an equal part of the whole.
         """
         begin = time.perf_counter()
         lengths = [len(positions) for positions in candidates]
@@ -305,7 +305,7 @@ class InfluenceComputer:
             order = torch.argsort(owners, stable=True)
             values = torch.empty(len(flat), dtype=local.dtype, device=local.device)
             values[order] = all_gather_columns(sent[None], sizes)[0]
-        rows = list(values.split(lengths))
+        rows = [row.clone() for row in values.split(lengths)]
         seconds = (time.perf_counter() - begin) / len(candidates)
         return rows, [seconds] * len(candidates)
 

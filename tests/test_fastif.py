@@ -196,13 +196,57 @@ def test_query_chunk_searched_once(monkeypatch):
         torch.testing.assert_close(calls["rows"][row], gradients(default_collate([item]))[0], rtol=1e-12, atol=1e-15)
 
 
-def test_row_candidates_without_k():
-    model = tiny_bert()
+def test_each_query_without_k_matches_alone():
+    model = tiny_bert().double()
     fastif = make_fastif(model, token_items(7), k=None)
-    rows = fastif.row_candidates(torch.zeros(3, 4))
-    assert rows.tolist() == [list(range(7))] * 3
-    rows[0, 0] = 99  # each row is its own storage
-    assert rows[1, 0] == 0
+    items = token_items(3, seed=1)
+    together = fastif.explain(default_collate(items), mode="each")
+    for item, result in zip(items, together, strict=True):
+        (alone,) = fastif.explain(default_collate([item]), mode="each")
+        assert result.candidate_indices.tolist() == list(range(7))
+        torch.testing.assert_close(result.scores, alone.scores, rtol=1e-12, atol=0)
+
+
+def test_query_chunk_in_batches():
+    # A chunk larger than feature_batch_size and gradient_batch_size is run in slices, with the scores of
+    # one call for the whole chunk.
+    model = tiny_bert().double()
+    query = default_collate(token_items(5, seed=1))
+    whole = make_fastif(model, token_items(24), k=8).explain(query, mode="each")
+    sliced = make_fastif(model, token_items(24), k=8, feature_batch_size=2, gradient_batch_size=2)
+    sizes = []
+    features = sliced.query_features
+
+    def recording_features(batch):
+        sizes.append(len(batch["input_ids"]))
+        return features(batch)
+
+    sliced.query_features = recording_features
+    results = sliced.explain(query, mode="each")
+    assert sizes == [2, 2, 1]
+    for expected, result in zip(whole, results, strict=True):
+        assert torch.equal(result.candidate_indices, expected.candidate_indices)
+        torch.testing.assert_close(result.scores, expected.scores, rtol=1e-10, atol=1e-14)
+
+
+def test_missing_neighbours_dropped(monkeypatch):
+    # An approximate faiss index marks neighbours it did not find with -1, which explain leaves out.
+    model = tiny_bert().double()
+    fastif = make_fastif(model, token_items(24), k=6)
+    index = fastif.refresh_index()
+    search = index.search
+
+    def search_with_gaps(queries, k):
+        distances, neighbors = search(queries, k)
+        neighbors[:, -2:] = -1
+        return distances, neighbors
+
+    monkeypatch.setattr(index, "search", search_with_gaps)
+    results = fastif.explain(default_collate(token_items(2, seed=1)), mode="each")
+    for result in results:
+        assert result.candidate_indices.shape == (4,)
+        assert (result.candidate_indices >= 0).all()
+        assert result.scores.shape == (4,)
 
 
 def test_tensor_features_read_in_batches(monkeypatch):
@@ -222,8 +266,8 @@ def test_tensor_features_read_in_batches(monkeypatch):
     monkeypatch.setattr(torch.utils.data.TensorDataset, "__getitem__", lambda self, i: reads.append(i) or item(self, i))
     index = fastif.refresh_index()
     assert reads == []
-    _, neighbors = index.search(x[:3], 1)
-    assert neighbors[:, 0].tolist() == [0, 1, 2]
+    _, neighbors = index.search(x, 1)
+    assert neighbors[:, 0].tolist() == list(range(50))
 
 
 def test_top_examples_carry_sign():

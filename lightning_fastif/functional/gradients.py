@@ -107,12 +107,14 @@ class FunctionalLoss:
             flat = flat + 2 * self.weight_decay * self.selection.flatten(self.params())
         return flat
 
-    def per_example_gradients(self, batch: Any, *, vectorize: Vectorize = "auto") -> Tensor:
+    def per_example_gradients(
+        self, batch: Any, *, vectorize: Vectorize = "auto", examples: str = "training examples"
+    ) -> Tensor:
         """Return the flat gradient of each example's loss, shape ``[B, P]``.
 
         ``vectorize="vmap"`` uses ``torch.func.vmap`` over ``torch.func.grad``; ``"loop"`` differentiates one
         example at a time; ``"auto"`` tries vmap and falls back to the loop (once, with a log message) for
-        models that vmap cannot handle.
+        models that vmap cannot handle. ``examples`` names the batch's examples in the error on NaN or inf.
         """
         size = batch_size_of(batch)
         if vectorize == "loop":
@@ -128,7 +130,7 @@ class FunctionalLoss:
         else:
             raise ValueError(f"`vectorize` must be 'auto', 'vmap' or 'loop', but got {vectorize!r}.")
         if not torch.isfinite(grads).all():
-            raise ValueError("Per-example gradients contain NaN or inf. Check the loss of the training examples.")
+            raise ValueError(f"Per-example gradients contain NaN or inf. Check the loss of the {examples}.")
         if self.weight_decay_in_gradients and self.weight_decay:
             grads = grads + 2 * self.weight_decay * self.selection.flatten(self.params())
         return grads

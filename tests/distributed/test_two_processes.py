@@ -267,7 +267,7 @@ def test_fastif_explain_splits_queries(tmp_path):
     assert first["gathers"] == second["gathers"] == [32, 8]
 
 
-CANDIDATE_LISTS = [[4, 9, 1, 30, 22], [7], [], [0, 1, 2, 3, 5, 6, 8]]
+CANDIDATE_LISTS = [[4, 9, 1, 30, 22], [7, 7], [], [0, 1, 2, 3, 5, 6, 8]]
 
 
 def scores_per_row():
@@ -301,8 +301,9 @@ def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str)
 
 
 def test_row_scores_match_scores_per_row(tmp_path):
-    # Lists of unequal length, one of them empty, sharing candidate 1. Two processes and one give what
-    # `scores` gives row by row, up to rounding, because the rows are scored together.
+    # Lists of unequal length, one of them empty, one with a repeated candidate, two sharing candidate 1.
+    # Two processes and one give what `scores` gives row by row, up to rounding, because the rows are
+    # scored together.
     mp.spawn(row_scores_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ihvps, rows = scores_per_row()
     problem = logistic_problem(n=50)
@@ -315,10 +316,10 @@ def test_row_scores_match_scores_per_row(tmp_path):
         for result in saved:
             torch.testing.assert_close(result["rows"][row], expected, rtol=RTOL, atol=0)
     # The 12 distinct candidates are split 6 and 6 in sorted order: [0, 1, 2, 3, 4, 5] and [6, 7, 8, 9,
-    # 22, 30]. One exchange carries the 13 requested scores, each from the rank that owns its candidate.
+    # 22, 30]. One exchange carries the 14 requested scores, each from the rank that owns its candidate.
     assert computer._scores_union(len(CANDIDATE_LISTS))
     for result in saved:
-        assert result["gathers"] == [[7, 6]]
+        assert result["gathers"] == [[7, 7]]
 
 
 def test_row_scores_rejects_mismatched_rows():

@@ -233,6 +233,14 @@ def test_non_finite_loss_rejected():
         compute_influences(model, loss_fn, train, bad_query, solver="exact")
 
 
+def test_non_finite_query_gradients_name_queries():
+    model, train, query, loss_fn = mlp_setup()
+    bad_query = (query[0] * float("nan"), query[1])
+    computer = InfluenceComputer(model, loss_fn, train, solver="exact")
+    with pytest.raises(ValueError, match=r"Check the loss of the query examples\."):
+        computer.query_gradients(bad_query, mode="each")
+
+
 @pytest.mark.parametrize(
     ("options", "pattern"),
     [
