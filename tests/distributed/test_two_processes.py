@@ -270,16 +270,18 @@ def test_fastif_explain_splits_queries(tmp_path):
 CANDIDATE_LISTS = [[4, 9, 1, 30, 22], [7, 7], [], [0, 1, 2, 3, 5, 6, 8]]
 
 
-def scores_per_row():
+def scores_per_row(candidate_lists=CANDIDATE_LISTS):
     problem = logistic_problem(n=50)
     computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
     ihvps = computer.ihvp(computer.query_gradients((problem.x[:4], problem.y[:4]), mode="each"))
-    rows, seconds = computer.row_scores(ihvps, CANDIDATE_LISTS)
+    rows, seconds = computer.row_scores(ihvps, candidate_lists)
     assert len(seconds) == len(rows) and all(value >= 0 for value in seconds)
     return ihvps, rows
 
 
-def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def row_scores_worker(
+    rank: int, world_size: int, store_path: str, out_dir: str, candidate_lists=CANDIDATE_LISTS
+) -> None:
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     import lightning_fastif.influence
@@ -294,7 +296,7 @@ def row_scores_worker(rank: int, world_size: int, store_path: str, out_dir: str)
     lightning_fastif.influence.all_gather_columns = record_gather
     try:
         torch.set_num_threads(1)
-        _, rows = scores_per_row()
+        _, rows = scores_per_row(candidate_lists)
         torch.save({"rows": rows, "gathers": gathers}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -320,6 +322,19 @@ def test_row_scores_match_scores_per_row(tmp_path):
     assert computer._scores_union(len(CANDIDATE_LISTS))
     for result in saved:
         assert result["gathers"] == [[7, 7]]
+
+
+@pytest.mark.parametrize("candidate_lists", [[[3], [3], [], [3]], [[], [], [], []]])
+def test_row_scores_union_below_ranks(tmp_path, candidate_lists):
+    # One distinct candidate, or none, for two ranks: a rank with an empty share still joins the exchange.
+    args = (2, str(tmp_path / "store"), str(tmp_path), candidate_lists)
+    mp.spawn(row_scores_worker, args=args, nprocs=2, join=True)
+    _, rows = scores_per_row(candidate_lists)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for row, positions in enumerate(candidate_lists):
+            assert saved["rows"][row].shape == (len(positions),)
+            torch.testing.assert_close(saved["rows"][row], rows[row], rtol=RTOL, atol=0)
 
 
 def test_row_scores_rejects_mismatched_rows():
