@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="Lightning checkpoint of an NLIClassifier (default: a fresh head)")
     parser.add_argument("--queries", type=int, default=2, help="queries per pass (FastIF's chunk on MiniLM is 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each way")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method")
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = {"seed": 0, "num_train": 16, "queries": args.queries, "max_length": 64, "checkpoint": args.checkpoint}

@@ -127,7 +127,7 @@ class QueryInfluence:
         query_indices: Dataset indices of the query examples, shape ``[A]`` (one entry unless anchored).
         candidate_indices: Train indices of the kNN candidates, nearest first, shape ``[k]``. With
             ``k=None``, every training index in dataset order, shape ``[N]``. An approximate index can
-            find fewer than ``k`` neighbours, and then the list is shorter.
+            find fewer than ``k`` neighbors, and then the list is shorter.
         scores: Score of each candidate, negative is helpful, shape ``[k]``.
         top: The most helpful and harmful candidates.
         timings: Seconds spent in each stage: "knn", "ihvp", "scores". The queries of one chunk of
@@ -272,7 +272,7 @@ class FastIF:
         """Return the kNN candidate train indices ``[B, k]`` of each row of ``features`` ``[B, D]``.
 
         One faiss search serves every row, so each row gets the candidates that :meth:`candidates` gives
-        for that row alone. An approximate index marks missing neighbours with -1, which
+        for that row alone. An approximate index marks missing neighbors with -1, which
         :meth:`explain` drops. Every rank of a process group searches all rows. A split search would add an
         exchange and a wait for the slower rank, and the search of a solve's queries is short next to LiSSA.
         """

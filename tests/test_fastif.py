@@ -229,8 +229,8 @@ def test_query_chunk_in_batches():
         torch.testing.assert_close(result.scores, expected.scores, rtol=1e-10, atol=1e-14)
 
 
-def test_missing_neighbours_dropped(monkeypatch):
-    # An approximate faiss index marks neighbours it did not find with -1, which explain leaves out.
+def test_missing_neighbors_dropped(monkeypatch):
+    # An approximate faiss index marks neighbors it did not find with -1, which explain leaves out.
     model = tiny_bert().double()
     fastif = make_fastif(model, token_items(24), k=6)
     index = fastif.refresh_index()

@@ -326,7 +326,7 @@ def test_row_scores_match_scores_per_row(tmp_path):
 
 @pytest.mark.parametrize("candidate_lists", [[[3], [3], [], [3]], [[], [], [], []]])
 def test_row_scores_union_below_ranks(tmp_path, candidate_lists):
-    # One distinct candidate, or none, for two ranks: a rank with an empty share still joins the exchange.
+    # One distinct candidate, or none, for two ranks. A rank with an empty share still joins the exchange.
     args = (2, str(tmp_path / "store"), str(tmp_path), candidate_lists)
     mp.spawn(row_scores_worker, args=args, nprocs=2, join=True)
     _, rows = scores_per_row(candidate_lists)
