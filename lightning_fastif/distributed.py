@@ -44,6 +44,38 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+class PendingSum:
+    """A tensor that is being summed over the ranks, so that the caller can work while the sum travels.
+
+    ``result()`` waits for the sum and returns it divided by ``divisor``. Without a process group the
+    tensor is the sum already and nothing is sent.
+
+    Args:
+        tensor: This rank's part; it is summed in place.
+        divisor: What the sum is divided by, for example the number of LiSSA repeats for a mean.
+    """
+
+    def __init__(self, tensor: Tensor, divisor: float = 1.0) -> None:
+        self.shape = tensor.shape
+        self._tensor = tensor
+        self._divisor = divisor
+        self._work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if is_distributed() else None
+        self._result: Tensor | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the sum was sent to other ranks and :meth:`result` has not yet collected it."""
+        return self._work is not None and self._result is None
+
+    def result(self) -> Tensor:
+        """Wait for the sum over the ranks and return it divided by ``divisor``."""
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = self._tensor if self._divisor == 1 else self._tensor / self._divisor
+        return self._result
+
+
 def all_gather_columns(local: Tensor, sizes: list[int]) -> Tensor:
     """Concatenate each rank's ``[Q, n_rank]`` block along dim 1, in rank order.
 

@@ -132,7 +132,8 @@ class QueryInfluence:
         top: The most helpful and harmful candidates.
         timings: Seconds spent in each stage: "knn", "ihvp", "scores". The queries of one chunk of
             :meth:`FastIF.explain` share one kNN search, one LiSSA solve and, on small models, one scoring
-            pass, so each of these is the chunk's seconds over its queries.
+            pass, so each of these is the chunk's seconds over its queries. Under a process group,
+            "scores" also holds the wait for the other ranks' LiSSA sums.
     """
 
     query_indices: Tensor
@@ -379,7 +380,9 @@ class FastIF:
                 query_gradients = self._in_batches(gradients, batch, self.config.gradient_batch_size)
             else:
                 query_gradients = self.computer.query_gradients(batch)
-            s_tests = self.computer.ihvp(query_gradients)
+            # Under a process group the sum of the ranks' LiSSA parts is still in flight, and scoring starts
+            # with the candidates' gradients, which do not need it.
+            s_tests = self.computer.start_ihvp(query_gradients)
         finally:
             self.computer.solver = configured
         ihvp_seconds = (time.perf_counter() - start) / len(query_ids)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from lightning_fastif.distributed import all_gather_columns, all_reduce_sum, is_distributed, rank_and_world, share
+from lightning_fastif.distributed import PendingSum, all_gather_columns, is_distributed, rank_and_world, share
 from lightning_fastif.functional.batches import LossFn, batch_size_of, move_batch
 from lightning_fastif.functional.data import TrainingSet
 from lightning_fastif.functional.gradients import FunctionalLoss, Vectorize
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # NOTE: measured on a logistic model and tanh MLPs only (benchmarks/shared_scoring.py, docs/benchmarks.md).
 # The union took 0.24 to 0.90 of the time up to 2,211 parameters, but 1.11 at 6,467 with 10 queries.
 SHARED_SCORING_MAX_PARAMETERS = 4_096
+# Under a process group, row_scores computes a rank's candidate gradients while the LiSSA sums of
+# start_ihvp travel between the ranks, and keeps them until the sum arrives, when they hold at most this many
+# elements (64 MB in float32). Larger shares wait for the sum first and keep one batch of gradients at a time.
+OVERLAP_GRADIENT_ELEMENTS = 2**24
 
 
 def check_score_method(score_method: str) -> None:
@@ -133,9 +137,17 @@ class InfluenceComputer:
         LiSSA treats rows independently, so the result equals one process running every repeat on every
         row. The exact and CG solvers are deterministic and run whole on every rank.
         """
+        return self.start_ihvp(query_gradients).result()
+
+    def start_ihvp(self, query_gradients: Tensor) -> PendingSum:
+        """Run this rank's part of :meth:`ihvp` and start the sum over the ranks without waiting for it.
+
+        :meth:`row_scores` takes the returned value in place of ``s_test`` and computes the candidates'
+        gradients while the sum travels. ``result()`` gives what :meth:`ihvp` returns.
+        """
         with influence_mode(self.model):
             if not (is_distributed() and isinstance(self.solver, LiSSASolver)):
-                return self.solver.solve(self.loss, self.train, query_gradients)
+                return PendingSum(self.solver.solve(self.loss, self.train, query_gradients))
             rank, _ = rank_and_world()
             repeat_groups, query_groups = self.lissa_grid(len(query_gradients))
             total = torch.zeros_like(query_gradients)
@@ -151,7 +163,7 @@ class InfluenceComputer:
                     )
                     rows = query_gradients[row_start:row_stop]
                     total[row_start:row_stop] = local.solve_sum(self.loss, self.train, rows)
-            return all_reduce_sum(total) / self.solver.repeats
+            return PendingSum(total, divisor=self.solver.repeats)
 
     def lissa_grid(self, num_queries: int) -> tuple[int, int]:
         """Return ``(repeat_groups, query_groups)``: how :meth:`ihvp` splits a LiSSA solve over the ranks.
@@ -205,7 +217,7 @@ class InfluenceComputer:
         return scores
 
     def row_scores(
-        self, ihvps: Tensor, candidates: Sequence[Sequence[int]], *, progress: bool = False
+        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int]], *, progress: bool = False
     ) -> tuple[list[Tensor], list[float]]:
         """Score each ``s_test`` row against its own candidates, with one exchange for all rows.
 
@@ -215,10 +227,12 @@ class InfluenceComputer:
         :meth:`scores` per row would exchange once per row. Where scoring uses per-example gradients (see
         :meth:`_scores_union`), all rows are scored together over the union of their candidates, which
         computes each shared candidate's gradient once. Those scores equal the row-by-row ones up to
-        rounding.
+        rounding. Given the :class:`PendingSum` of :meth:`start_ihvp`, the union's scoring computes the
+        rank's candidate gradients (up to ``OVERLAP_GRADIENT_ELEMENTS`` elements) before it waits for the
+        sum over the ranks; the other paths wait first.
 
         Args:
-            ihvps: ``s_test`` vectors, shape ``[Q, P]``.
+            ihvps: ``s_test`` vectors, shape ``[Q, P]``, or the value of :meth:`start_ihvp`.
             candidates: One list of dataset positions per row, ``Q`` lists.
             progress: Show progress bars over the rows and each row's candidates.
 
@@ -226,7 +240,7 @@ class InfluenceComputer:
             Each row's scores, shape ``[len(candidates[q])]``, and each row's seconds: its own scoring
             plus an equal part of the exchange, or an equal part of the whole when the rows share a pass.
         """
-        if ihvps.dim() != 2 or ihvps.shape[0] != len(candidates):
+        if len(ihvps.shape) != 2 or ihvps.shape[0] != len(candidates):
             raise ValueError(
                 f"`ihvps` must have one row per candidate list, [{len(candidates)}, P], got {tuple(ihvps.shape)}."
             )
@@ -234,6 +248,10 @@ class InfluenceComputer:
             return [], []
         if self._scores_union(len(candidates)):
             return self._union_row_scores(ihvps, candidates, progress=progress)
+        begin = time.perf_counter()
+        if isinstance(ihvps, PendingSum):
+            ihvps = ihvps.result()
+        waited = time.perf_counter() - begin
         rank, world_size = rank_and_world()
         local, seconds, row_sizes = [], [], []
         rows = tqdm(candidates, desc="FastIF scoring", disable=not progress or rank != 0 or len(candidates) == 1)
@@ -250,7 +268,7 @@ class InfluenceComputer:
         # The gathered vector contains rank 0's share of every row, then rank 1's, and so on.
         rank_sizes = [sum(sizes[r] for sizes in row_sizes) for r in range(world_size)]
         pieces = list(all_gather_columns(torch.cat(local)[None], rank_sizes)[0].split(rank_sizes))
-        exchange = (time.perf_counter() - begin) / len(candidates)
+        exchange = (time.perf_counter() - begin + waited) / len(candidates)
         results = []
         for sizes in row_sizes:
             parts = []
@@ -272,14 +290,14 @@ class InfluenceComputer:
         return self.score_method == "gradient" or self.selection.numel <= SHARED_SCORING_MAX_PARAMETERS
 
     def _union_row_scores(
-        self, ihvps: Tensor, candidates: Sequence[Sequence[int]], *, progress: bool
+        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int]], *, progress: bool
     ) -> tuple[list[Tensor], list[float]]:
         """Score every row on the union of the candidate lists with per-example gradients, then split it.
 
         Under a process group each rank scores a contiguous share of the union's columns and sends only
         the entries that some row requests, padded to the largest rank's count, where the whole
         ``[Q, len(union)]`` table would carry every row's score of every candidate. Each row's seconds are
-        an equal part of the whole.
+        an equal part of the whole, the wait for a :class:`PendingSum` included.
         """
         begin = time.perf_counter()
         lengths = [len(positions) for positions in candidates]
@@ -290,7 +308,7 @@ class InfluenceComputer:
         rank, world_size = rank_and_world()
         shares = [share(len(union), r, world_size) for r in range(world_size)]
         start, stop = shares[rank]
-        local = self._score_positions(ihvps, union[start:stop].tolist(), progress=progress and rank == 0)
+        local = self._union_share_scores(ihvps, union[start:stop].tolist(), progress=progress and rank == 0)
         entry_rows, columns = entry_rows.to(local.device), columns.to(local.device)
         if world_size == 1:
             values = local[entry_rows, columns]
@@ -308,6 +326,26 @@ class InfluenceComputer:
         rows = [row.clone() for row in values.split(lengths)]
         seconds = (time.perf_counter() - begin) / len(candidates)
         return rows, [seconds] * len(candidates)
+
+    def _union_share_scores(self, ihvps: Tensor | PendingSum, positions: list[int], *, progress: bool) -> Tensor:
+        """Score a rank's share of the union with per-example gradients, computed before the wait when they fit.
+
+        While a :class:`PendingSum` is in flight, the gradients of ``positions`` do not depend on it, so
+        they are computed first and the wait for the other ranks' LiSSA sums overlaps them. The scores are
+        those of :meth:`_score_positions`, batch by batch.
+        """
+        if not isinstance(ihvps, PendingSum):
+            return self._score_positions(ihvps, positions, progress=progress)
+        if not ihvps.in_flight or not positions or len(positions) * self.selection.numel > OVERLAP_GRADIENT_ELEMENTS:
+            return self._score_positions(ihvps.result(), positions, progress=progress)
+        gradients = []
+        starts = range(0, len(positions), self.gradient_batch_size)
+        with influence_mode(self.model):
+            for start in tqdm(starts, desc="Scoring candidates", disable=not progress, leave=False):
+                batch = self.train.batch(positions[start : start + self.gradient_batch_size])
+                gradients.append(self.loss.per_example_gradients(batch, vectorize=self.vectorize))
+        s_tests = ihvps.result()
+        return torch.cat([influence_scores(batch_gradients, s_tests) for batch_gradients in gradients], dim=1)
 
     def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
         chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]

@@ -30,13 +30,13 @@ def make_fastif(model, train, **config):
 def record_solve_sizes(monkeypatch, fastif):
     """Return a list that collects the number of query rows of each LiSSA solve of ``fastif``."""
     solve_sizes = []
-    solve = fastif.computer.ihvp
+    solve = fastif.computer.start_ihvp
 
     def counting_solve(query_gradients):
         solve_sizes.append(len(query_gradients))
         return solve(query_gradients)
 
-    monkeypatch.setattr(fastif.computer, "ihvp", counting_solve)
+    monkeypatch.setattr(fastif.computer, "start_ihvp", counting_solve)
     return solve_sizes
 
 

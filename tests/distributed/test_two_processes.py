@@ -337,6 +337,61 @@ def test_row_scores_union_below_ranks(tmp_path, candidate_lists):
             torch.testing.assert_close(saved["rows"][row], rows[row], rtol=RTOL, atol=0)
 
 
+def overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str, overlap_elements: int) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    import lightning_fastif.influence
+    from lightning_fastif.distributed import PendingSum
+    from lightning_fastif.functional.gradients import FunctionalLoss
+
+    events = []
+    per_example_gradients = FunctionalLoss.per_example_gradients
+    result = PendingSum.result
+
+    def record_gradients(self, batch, **options):
+        gradients = per_example_gradients(self, batch, **options)
+        events.append(("gradients", len(gradients)))
+        return gradients
+
+    def record_result(self):
+        events.append(("sum", self.in_flight))
+        return result(self)
+
+    FunctionalLoss.per_example_gradients = record_gradients
+    PendingSum.result = record_result
+    lightning_fastif.influence.OVERLAP_GRADIENT_ELEMENTS = overlap_elements
+    try:
+        torch.set_num_threads(1)
+        problem = logistic_problem(n=50)
+        computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, **OPTIONS)
+        query_gradients = computer.query_gradients((problem.x[:4], problem.y[:4]), mode="each")
+        events.clear()
+        pending = computer.start_ihvp(query_gradients)
+        rows, _ = computer.row_scores(pending, CANDIDATE_LISTS)
+        torch.save({"rows": rows, "events": events}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overlap_elements", [2**24, 0])
+def test_union_gradients_overlap_the_sum(tmp_path, overlap_elements):
+    # Each rank's 6 distinct candidates of CANDIDATE_LISTS fit under the limit, so their gradients (one batch
+    # of 6) come before the wait for the LiSSA sums, which are still in flight. With a limit of 0 elements
+    # the rank waits first. The scores are those of one process either way.
+    args = (2, str(tmp_path / "store"), str(tmp_path), overlap_elements)
+    mp.spawn(overlap_worker, args=args, nprocs=2, join=True)
+    _, expected = scores_per_row()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        if overlap_elements:
+            assert saved["events"] == [("gradients", 6), ("sum", True)]
+        else:
+            assert saved["events"] == [("sum", True), ("gradients", 6)]
+        for row, positions in enumerate(CANDIDATE_LISTS):
+            assert saved["rows"][row].shape == (len(positions),)
+            torch.testing.assert_close(saved["rows"][row], expected[row], rtol=RTOL, atol=0)
+
+
 def test_row_scores_rejects_mismatched_rows():
     problem = logistic_problem(n=10)
     computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver="exact")
