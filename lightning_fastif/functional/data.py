@@ -42,6 +42,11 @@ class TrainingSet:
         self.device = torch.device(device)
         self.dtype = dtype
         self.indices = list(range(size)) if indices is None else [int(i) for i in indices]
+        # The first position when the indices are consecutive and increasing, so that full passes over a
+        # TensorDataset can slice its tensors; None otherwise.
+        self._first_of_range: int | None = None
+        if indices is None or (isinstance(indices, range) and indices.step == 1):
+            self._first_of_range = self.indices[0] if self.indices else None
         if not self.indices:
             raise ValueError("The list of training indices is empty: influence needs at least one training example.")
 
@@ -68,10 +73,20 @@ class TrainingSet:
         )
 
     def full_pass(self, batch_size: int) -> Iterator[tuple[Any, int]]:
-        """Yield ``(batch, size)`` over every example once, in order."""
+        """Yield ``(batch, size)`` over every example once, in order.
+
+        Over consecutive positions of a plain ``TensorDataset`` the batches are slices of its tensors,
+        which share their memory, where :meth:`batch` builds an index and copies the rows.
+        """
+        slices = self._first_of_range is not None and self._indexes_tensors
         for start in range(0, len(self.indices), batch_size):
-            chunk = self.indices[start : start + batch_size]
-            yield self.batch(chunk), len(chunk)
+            size = min(batch_size, len(self.indices) - start)
+            if slices:
+                first = self._first_of_range + start  # type: ignore[operator]
+                rows = [tensor[first : first + size] for tensor in self.dataset.tensors]  # type: ignore[attr-defined]
+                yield move_batch(rows, self.device, self.dtype), size
+            else:
+                yield self.batch(self.indices[start : start + size]), size
 
     def random_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Any]:
         """Yield batches drawn without replacement within an epoch and reshuffled each epoch, forever."""

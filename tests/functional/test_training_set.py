@@ -60,3 +60,37 @@ def test_tensor_dataset_batch_skips_item_calls(monkeypatch):
     monkeypatch.setattr(TensorDataset, "__getitem__", no_items)
     batch = TrainingSet(TensorDataset(x, y)).batch([1, 0])
     assert torch.equal(batch[0], x[[1, 0]])
+
+
+def test_full_pass_slices_consecutive_rows():
+    x, y = _dataset()
+    dataset = TensorDataset(x, y)
+    for indices in (None, range(3, 12)):
+        training_set = TrainingSet(dataset, indices=indices)
+        batches = list(training_set.full_pass(4))
+        first = 0 if indices is None else 3
+        assert [size for _, size in batches] == ([4, 4, 4] if indices is None else [4, 4, 1])
+        assert torch.equal(torch.cat([batch[0] for batch, _ in batches]), x[first:])
+        assert torch.equal(torch.cat([batch[1] for batch, _ in batches]), y[first:])
+        # The batches are views of the dataset's tensors, not copies.
+        assert batches[0][0][0].data_ptr() == x[first].data_ptr()
+
+
+def test_full_pass_copies_other_orders():
+    x, y = _dataset()
+    dataset = TensorDataset(x, y)
+    for indices in ([5, 4, 6, 7], range(0, 12, 3)):
+        batches = list(TrainingSet(dataset, indices=indices).full_pass(3))
+        positions = list(indices)
+        assert torch.equal(torch.cat([batch[0] for batch, _ in batches]), x[positions])
+        assert torch.equal(torch.cat([batch[1] for batch, _ in batches]), y[positions])
+        assert batches[0][0][0].data_ptr() != x[positions[0]].data_ptr()
+
+
+def test_full_pass_casts_sliced_floats():
+    x, y = _dataset()
+    batch, size = next(TrainingSet(TensorDataset(x, y), dtype=torch.float64).full_pass(5))
+    assert size == 5
+    assert batch[0].dtype == torch.float64
+    assert batch[1].dtype == torch.int64
+    assert torch.equal(batch[0], x[:5].double())
