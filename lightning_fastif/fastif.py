@@ -389,7 +389,7 @@ class FastIF:
 
         # Under a process group each rank scores its share of every query's candidates, and one exchange
         # gathers the scores of all queries.
-        scores, score_seconds = self.computer.row_scores(s_tests, [c.tolist() for c in candidates], progress=progress)
+        scores, score_seconds = self.computer.row_scores(s_tests, candidates, progress=progress)
         results = []
         for row, ids in enumerate(query_ids):
             timings = {"knn": knn_seconds, "ihvp": ihvp_seconds, "scores": score_seconds[row]}

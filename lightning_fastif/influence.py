@@ -217,7 +217,7 @@ class InfluenceComputer:
         return scores
 
     def row_scores(
-        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int]], *, progress: bool = False
+        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int] | Tensor], *, progress: bool = False
     ) -> tuple[list[Tensor], list[float]]:
         """Score each ``s_test`` row against its own candidates, with one exchange for all rows.
 
@@ -233,7 +233,7 @@ class InfluenceComputer:
 
         Args:
             ihvps: ``s_test`` vectors, shape ``[Q, P]``, or the value of :meth:`start_ihvp`.
-            candidates: One list of dataset positions per row, ``Q`` lists.
+            candidates: One list or 1-D integer tensor of dataset positions per row, ``Q`` of them.
             progress: Show progress bars over the rows and each row's candidates.
 
         Returns:
@@ -256,7 +256,7 @@ class InfluenceComputer:
         local, seconds, row_sizes = [], [], []
         rows = tqdm(candidates, desc="FastIF scoring", disable=not progress or rank != 0 or len(candidates) == 1)
         for row, positions in enumerate(rows):
-            positions = [int(i) for i in positions]
+            positions = _position_list(positions)
             shares = [share(len(positions), r, world_size) for r in range(world_size)]
             start, stop = shares[rank]
             begin = time.perf_counter()
@@ -290,7 +290,7 @@ class InfluenceComputer:
         return self.score_method == "gradient" or self.selection.numel <= SHARED_SCORING_MAX_PARAMETERS
 
     def _union_row_scores(
-        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int]], *, progress: bool
+        self, ihvps: Tensor | PendingSum, candidates: Sequence[Sequence[int] | Tensor], *, progress: bool
     ) -> tuple[list[Tensor], list[float]]:
         """Score every row on the union of the candidate lists with per-example gradients, then split it.
 
@@ -300,11 +300,11 @@ class InfluenceComputer:
         an equal part of the whole, the wait for a :class:`PendingSum` included.
         """
         begin = time.perf_counter()
-        lengths = [len(positions) for positions in candidates]
-        flat = torch.as_tensor([int(i) for positions in candidates for i in positions], dtype=torch.long)
+        rows_positions = [_position_tensor(positions) for positions in candidates]
+        lengths = [len(positions) for positions in rows_positions]
+        flat = torch.cat(rows_positions)
         entry_rows = torch.repeat_interleave(torch.arange(len(candidates)), torch.as_tensor(lengths))
-        union = torch.unique(flat)  # sorted
-        columns = torch.searchsorted(union, flat)
+        union, columns = torch.unique(flat, return_inverse=True)  # sorted, and each entry's column
         rank, world_size = rank_and_world()
         shares = [share(len(union), r, world_size) for r in range(world_size)]
         start, stop = shares[rank]
@@ -380,6 +380,18 @@ class InfluenceComputer:
     def compute(self, query_batch: Any, indices: Sequence[int] | None = None, *, mode: QueryMode = "mean") -> Tensor:
         """Return scores ``[Q, N]`` of the candidates (default: every training example) on the queries."""
         return self.scores(self.ihvp(self.query_gradients(query_batch, mode=mode)), indices)
+
+
+def _position_tensor(positions: Sequence[int] | Tensor) -> Tensor:
+    """Return dataset positions as a 1-D int64 CPU tensor, without a Python loop over a tensor's items."""
+    if isinstance(positions, Tensor):
+        return positions.detach().reshape(-1).to(device="cpu", dtype=torch.long)
+    return torch.as_tensor([int(i) for i in positions], dtype=torch.long)
+
+
+def _position_list(positions: Sequence[int] | Tensor) -> list[int]:
+    """Return dataset positions as a list of ints."""
+    return _position_tensor(positions).tolist() if isinstance(positions, Tensor) else [int(i) for i in positions]
 
 
 def compute_influences(

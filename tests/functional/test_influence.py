@@ -427,3 +427,15 @@ def test_jvp_without_forward_ad_rejected():
     model, train, query, loss_fn = _custom_tanh_problem()
     with pytest.raises(RuntimeError, match=r"score_method='jvp'\) failed: .*Use score_method='gradient'"):
         compute_influences(model, loss_fn, train, query, solver="exact", damping=0.1, score_method="jvp")
+
+
+@pytest.mark.parametrize("score_method", ["gradient", "jvp"])
+def test_row_scores_take_tensor_candidates(score_method):
+    # FastIF passes its kNN candidates as int64 tensors, one of them empty and one with a repeat.
+    computer, ihvps, rows, _ = row_scores_recorded(score_method)
+    candidates = [torch.tensor(positions, dtype=torch.long) for positions in [*SHARED_CANDIDATES[:3], [1, 7, 7]]]
+    tensor_rows, _ = computer.row_scores(ihvps, candidates)
+    for row in range(3):
+        torch.testing.assert_close(tensor_rows[row], rows[row], rtol=1e-12, atol=0)
+    expected = computer.scores(ihvps[3:], [1, 7, 7])[0]
+    torch.testing.assert_close(tensor_rows[3], expected, rtol=1e-12, atol=0)
