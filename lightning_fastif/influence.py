@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 # NOTE: measured on a logistic model and tanh MLPs only (benchmarks/shared_scoring.py, docs/benchmarks.md).
 # The union took 0.24 to 0.90 of the time up to 2,211 parameters, but 1.11 at 6,467 with 10 queries.
 SHARED_SCORING_MAX_PARAMETERS = 4_096
-# Under a process group, row_scores computes a rank's candidate gradients while the LiSSA sums of
-# start_ihvp travel between the ranks, and keeps them until the sum arrives, when they hold at most this many
-# elements (64 MB in float32). Larger shares wait for the sum first and keep one batch of gradients at a time.
+# Under a process group, row_scores computes a rank's candidate gradients while the LiSSA sums of start_ihvp
+# travel between the ranks, if the gradients have at most this many elements (64 MB in float32). Larger
+# shares wait for the sums first and keep one batch of gradients at a time.
 OVERLAP_GRADIENT_ELEMENTS = 2**24
 
 
@@ -390,7 +390,6 @@ def _position_tensor(positions: Sequence[int] | Tensor) -> Tensor:
 
 
 def _position_list(positions: Sequence[int] | Tensor) -> list[int]:
-    """Return dataset positions as a list of ints."""
     return _position_tensor(positions).tolist() if isinstance(positions, Tensor) else [int(i) for i in positions]
 
 

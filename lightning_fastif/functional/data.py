@@ -43,7 +43,7 @@ class TrainingSet:
         self.dtype = dtype
         self.indices = list(range(size)) if indices is None else [int(i) for i in indices]
         # The first position when the indices are consecutive and increasing, so that full passes over a
-        # TensorDataset can slice its tensors; None otherwise.
+        # TensorDataset can slice its tensors. None for any other order.
         self._first_of_range: int | None = None
         if indices is None or (isinstance(indices, range) and indices.step == 1):
             self._first_of_range = self.indices[0] if self.indices else None
