@@ -47,19 +47,23 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 class PendingSum:
     """A tensor that is being summed over the ranks, so that the caller can work while the sum travels.
 
-    ``result()`` waits for the sum and returns it divided by ``divisor``. Without a process group the
-    tensor is the sum already and nothing is sent.
+    ``result()`` waits for the sum and returns it divided by ``divisor``. Without a process group, or
+    with ``sum_over_ranks=False`` for a value that every rank computed whole, nothing is sent and the
+    tensor is the result.
 
     Args:
-        tensor: This rank's part; it is summed in place.
+        tensor: This rank's part, which is summed in place.
         divisor: What the sum is divided by, for example the number of LiSSA repeats for a mean.
+        sum_over_ranks: Whether to sum ``tensor`` over the ranks.
     """
 
-    def __init__(self, tensor: Tensor, divisor: float = 1.0) -> None:
+    def __init__(self, tensor: Tensor, divisor: float = 1.0, *, sum_over_ranks: bool = True) -> None:
         self.shape = tensor.shape
         self._tensor = tensor
         self._divisor = divisor
-        self._work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if is_distributed() else None
+        self._work = None
+        if sum_over_ranks and is_distributed():
+            self._work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
         self._result: Tensor | None = None
 
     @property

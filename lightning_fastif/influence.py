@@ -147,7 +147,8 @@ class InfluenceComputer:
         """
         with influence_mode(self.model):
             if not (is_distributed() and isinstance(self.solver, LiSSASolver)):
-                return PendingSum(self.solver.solve(self.loss, self.train, query_gradients))
+                # Every rank ran the whole solve, so there is nothing to sum.
+                return PendingSum(self.solver.solve(self.loss, self.train, query_gradients), sum_over_ranks=False)
             rank, _ = rank_and_world()
             repeat_groups, query_groups = self.lissa_grid(len(query_gradients))
             total = torch.zeros_like(query_gradients)

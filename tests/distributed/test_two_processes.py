@@ -87,6 +87,32 @@ def test_one_repeat_splits_queries(tmp_path):
     assert second["rows"] == [1]
 
 
+def deterministic_scores(solver):
+    problem = logistic_problem(n=50)
+    computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver=solver, damping=1e-3)
+    return computer.compute((problem.x[:3], problem.y[:3]), mode="each")
+
+
+def deterministic_worker(rank: int, world_size: int, store_path: str, out_dir: str, solver: str) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        torch.save(deterministic_scores(solver), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_deterministic_solvers_match_one_process(tmp_path, solver):
+    # Every rank runs the whole exact or CG solve, so its s_test must not be summed over the ranks.
+    args = (2, str(tmp_path / "store"), str(tmp_path), solver)
+    mp.spawn(deterministic_worker, args=args, nprocs=2, join=True)
+    expected = deterministic_scores(solver)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=RTOL, atol=0)
+
+
 def test_share_covers_every_item_once():
     for total in (0, 1, 5, 8):
         for world_size in (1, 2, 3):
