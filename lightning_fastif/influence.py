@@ -346,7 +346,10 @@ class InfluenceComputer:
                 batch = self.train.batch(positions[start : start + self.gradient_batch_size])
                 gradients.append(self.loss.per_example_gradients(batch, vectorize=self.vectorize))
         s_tests = ihvps.result()
-        return torch.cat([influence_scores(batch_gradients, s_tests) for batch_gradients in gradients], dim=1)
+        # The empty first block gives the concatenation the dtype that _score_positions gives it.
+        blocks = [torch.zeros(s_tests.shape[0], 0, dtype=s_tests.dtype, device=s_tests.device)]
+        blocks += [influence_scores(batch_gradients, s_tests) for batch_gradients in gradients]
+        return torch.cat(blocks, dim=1)
 
     def _score_positions(self, ihvps: Tensor, positions: list[int], *, progress: bool) -> Tensor:
         chunks = [torch.zeros(ihvps.shape[0], 0, dtype=ihvps.dtype, device=ihvps.device)]
@@ -386,7 +389,17 @@ class InfluenceComputer:
 def _position_tensor(positions: Sequence[int] | Tensor) -> Tensor:
     """Return dataset positions as a 1-D int64 CPU tensor, without a Python loop over a tensor's items."""
     if isinstance(positions, Tensor):
-        return positions.detach().reshape(-1).to(device="cpu", dtype=torch.long)
+        if (
+            positions.dim() != 1
+            or positions.is_floating_point()
+            or positions.is_complex()
+            or positions.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"A candidate tensor must be 1-D with an integer dtype, but got shape {tuple(positions.shape)} "
+                f"and dtype {positions.dtype}. Pass one 1-D tensor or list of dataset positions per row."
+            )
+        return positions.detach().to(device="cpu", dtype=torch.long)
     return torch.as_tensor([int(i) for i in positions], dtype=torch.long)
 
 

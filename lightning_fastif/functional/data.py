@@ -42,11 +42,13 @@ class TrainingSet:
         self.device = torch.device(device)
         self.dtype = dtype
         self.indices = list(range(size)) if indices is None else [int(i) for i in indices]
-        # The first position when the indices are consecutive and increasing, so that full passes over a
-        # TensorDataset can slice its tensors. None for any other order.
+        # The first position when the indices are consecutive, increasing and inside the dataset, so that
+        # full passes over a TensorDataset can slice its tensors. None for any other order, and for
+        # negative positions, which index from the end.
         self._first_of_range: int | None = None
         if indices is None or (isinstance(indices, range) and indices.step == 1):
-            self._first_of_range = self.indices[0] if self.indices else None
+            if self.indices and 0 <= self.indices[0] and self.indices[-1] < size:
+                self._first_of_range = self.indices[0]
         if not self.indices:
             raise ValueError("The list of training indices is empty: influence needs at least one training example.")
 
@@ -75,18 +77,27 @@ class TrainingSet:
     def full_pass(self, batch_size: int) -> Iterator[tuple[Any, int]]:
         """Yield ``(batch, size)`` over every example once, in order.
 
-        Over consecutive positions of a plain ``TensorDataset`` the batches are slices of its tensors,
-        which share their memory, where :meth:`batch` builds an index and copies the rows.
+        Over consecutive positions of a plain ``TensorDataset`` the batches are copies of slices of its
+        tensors, where :meth:`batch` builds an index for each batch. Either way a loss or features
+        function that edits its batch in place leaves the dataset as it was.
         """
         slices = self._first_of_range is not None and self._indexes_tensors
         for start in range(0, len(self.indices), batch_size):
             size = min(batch_size, len(self.indices) - start)
             if slices:
                 first = self._first_of_range + start  # type: ignore[operator]
-                rows = [tensor[first : first + size] for tensor in self.dataset.tensors]  # type: ignore[attr-defined]
-                yield move_batch(rows, self.device, self.dtype), size
+                yield self._copied_slices(first, first + size), size
             else:
                 yield self.batch(self.indices[start : start + size]), size
+
+    def _copied_slices(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Return rows ``start:stop`` of each tensor of the TensorDataset, moved, cast and never a view."""
+        rows = []
+        for tensor in self.dataset.tensors:  # type: ignore[attr-defined]
+            view = tensor[start:stop]
+            moved = move_batch(view, self.device, self.dtype)
+            rows.append(view.clone() if moved is view else moved)
+        return rows
 
     def random_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Any]:
         """Yield batches drawn without replacement within an epoch and reshuffled each epoch, forever."""

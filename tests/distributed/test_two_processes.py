@@ -418,6 +418,64 @@ def test_union_gradients_overlap_the_sum(tmp_path, overlap_elements):
             torch.testing.assert_close(saved["rows"][row], expected[row], rtol=RTOL, atol=0)
 
 
+def explain_logistic_queries():
+    from lightning_fastif.fastif import FastIF, FastIFConfig
+
+    problem = logistic_problem(n=50)
+    config = FastIFConfig(k=8, damping=1e-3, scale=5.0, depth=40, repeats=2, batch_size=7, seed=3)
+    fastif = FastIF(problem.model, problem.loss_fn, lambda batch: batch[0], problem.dataset, config=config)
+    results = fastif.explain((problem.x[:4], problem.y[:4]), mode="each")
+    return torch.stack([r.candidate_indices for r in results]), torch.stack([r.scores for r in results])
+
+
+def fastif_overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    from lightning_fastif.distributed import PendingSum
+    from lightning_fastif.functional.gradients import FunctionalLoss
+
+    events = []
+    per_example_gradients = FunctionalLoss.per_example_gradients
+    result = PendingSum.result
+
+    def record_gradients(self, batch, **options):
+        gradients = per_example_gradients(self, batch, **options)
+        events.append(("gradients", len(gradients)))
+        return gradients
+
+    def record_result(self):
+        events.append(("sum", self.in_flight))
+        return result(self)
+
+    FunctionalLoss.per_example_gradients = record_gradients
+    PendingSum.result = record_result
+    try:
+        torch.set_num_threads(1)
+        candidates, scores = explain_logistic_queries()
+        torch.save({"candidates": candidates, "scores": scores, "events": events}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fastif_scores_before_the_sum(tmp_path):
+    # FastIF on a 10-parameter model scores the union of the 4 queries' candidates. Each rank computes the
+    # 4 query gradients, runs one of the 2 repeats, and computes its candidates' gradients before it waits
+    # for the sum of the repeats, which is still in flight.
+    mp.spawn(fastif_overlap_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    candidates, scores = explain_logistic_queries()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(saved["candidates"], candidates)
+        torch.testing.assert_close(saved["scores"], scores, rtol=RTOL, atol=0)
+        events = saved["events"]
+        assert events[0] == ("gradients", 4)
+        assert events.count(("sum", True)) == 1
+        wait = events.index(("sum", True))
+        assert wait == len(events) - 1
+        assert wait >= 2
+        assert all(kind == "gradients" for kind, _ in events[1:wait])
+
+
 def test_row_scores_rejects_mismatched_rows():
     problem = logistic_problem(n=10)
     computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver="exact")

@@ -439,3 +439,12 @@ def test_row_scores_take_tensor_candidates(score_method):
         torch.testing.assert_close(tensor_rows[row], rows[row], rtol=1e-12, atol=0)
     expected = computer.scores(ihvps[3:], [1, 7, 7])[0]
     torch.testing.assert_close(tensor_rows[3], expected, rtol=1e-12, atol=0)
+
+
+def test_row_scores_reject_bad_candidate_tensors():
+    computer, ihvps, _, _ = row_scores_recorded("gradient")
+    bad = [torch.tensor([[0, 1], [2, 3]]), torch.tensor(3), torch.tensor([0.0, 1.0])]
+    for tensor in bad:
+        candidates = [tensor, [1], [2], [3]]
+        with pytest.raises(ValueError, match=r"candidate tensor must be 1-D with an integer dtype"):
+            computer.row_scores(ihvps, candidates)

@@ -1,5 +1,6 @@
 """TrainingSet batches: the whole-index path for TensorDataset gives what default_collate gives."""
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
@@ -62,7 +63,7 @@ def test_tensor_dataset_batch_skips_item_calls(monkeypatch):
     assert torch.equal(batch[0], x[[1, 0]])
 
 
-def test_full_pass_slices_consecutive_rows():
+def test_full_pass_reads_consecutive_rows():
     x, y = _dataset()
     dataset = TensorDataset(x, y)
     for indices in (None, range(3, 12)):
@@ -72,19 +73,32 @@ def test_full_pass_slices_consecutive_rows():
         assert [size for _, size in batches] == ([4, 4, 4] if indices is None else [4, 4, 1])
         assert torch.equal(torch.cat([batch[0] for batch, _ in batches]), x[first:])
         assert torch.equal(torch.cat([batch[1] for batch, _ in batches]), y[first:])
-        # The batches are views of the dataset's tensors, not copies.
-        assert batches[0][0][0].data_ptr() == x[first].data_ptr()
+
+
+def test_full_pass_batches_are_copies():
+    # A loss or features function that edits its batch in place must leave the dataset as it was.
+    x, y = _dataset()
+    original = x.clone()
+    for indices in (None, range(2, 10), [5, 4, 6, 7], range(0, 12, 3)):
+        for batch, _ in TrainingSet(TensorDataset(x, y), indices=indices).full_pass(3):
+            batch[0].mul_(0)
+        assert torch.equal(x, original), indices
 
 
 def test_full_pass_copies_other_orders():
     x, y = _dataset()
     dataset = TensorDataset(x, y)
-    for indices in ([5, 4, 6, 7], range(0, 12, 3)):
+    for indices in ([5, 4, 6, 7], range(0, 12, 3), range(-3, 0), range(-2, 2)):
         batches = list(TrainingSet(dataset, indices=indices).full_pass(3))
         positions = list(indices)
         assert torch.equal(torch.cat([batch[0] for batch, _ in batches]), x[positions])
         assert torch.equal(torch.cat([batch[1] for batch, _ in batches]), y[positions])
-        assert batches[0][0][0].data_ptr() != x[positions[0]].data_ptr()
+
+
+def test_full_pass_rejects_positions_past_end():
+    x, y = _dataset()
+    with pytest.raises(IndexError):
+        list(TrainingSet(TensorDataset(x, y), indices=range(8, 14)).full_pass(4))
 
 
 def test_full_pass_casts_sliced_floats():
