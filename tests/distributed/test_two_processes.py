@@ -363,10 +363,11 @@ def test_row_scores_union_below_ranks(tmp_path, candidate_lists):
             torch.testing.assert_close(saved["rows"][row], rows[row], rtol=RTOL, atol=0)
 
 
-def overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str, overlap_elements: int) -> None:
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    import lightning_fastif.influence
+def record_overlap_events() -> list[tuple[str, object]]:
+    """Patch per-example gradients and ``PendingSum.result`` in this process to log their calls in order.
+
+    Returns the list that receives ``("gradients", rows)`` and ``("sum", in_flight)`` entries.
+    """
     from lightning_fastif.distributed import PendingSum
     from lightning_fastif.functional.gradients import FunctionalLoss
 
@@ -385,6 +386,15 @@ def overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str, ov
 
     FunctionalLoss.per_example_gradients = record_gradients
     PendingSum.result = record_result
+    return events
+
+
+def overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str, overlap_elements: int) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    import lightning_fastif.influence
+
+    events = record_overlap_events()
     lightning_fastif.influence.OVERLAP_GRADIENT_ELEMENTS = overlap_elements
     try:
         torch.set_num_threads(1)
@@ -431,24 +441,7 @@ def explain_logistic_queries():
 def fastif_overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    from lightning_fastif.distributed import PendingSum
-    from lightning_fastif.functional.gradients import FunctionalLoss
-
-    events = []
-    per_example_gradients = FunctionalLoss.per_example_gradients
-    result = PendingSum.result
-
-    def record_gradients(self, batch, **options):
-        gradients = per_example_gradients(self, batch, **options)
-        events.append(("gradients", len(gradients)))
-        return gradients
-
-    def record_result(self):
-        events.append(("sum", self.in_flight))
-        return result(self)
-
-    FunctionalLoss.per_example_gradients = record_gradients
-    PendingSum.result = record_result
+    events = record_overlap_events()
     try:
         torch.set_num_threads(1)
         candidates, scores = explain_logistic_queries()
