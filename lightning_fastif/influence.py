@@ -246,6 +246,8 @@ class InfluenceComputer:
                 f"`ihvps` must have one row per candidate list, [{len(candidates)}, P], got {tuple(ihvps.shape)}."
             )
         if not candidates:
+            if isinstance(ihvps, PendingSum):
+                ihvps.result()  # Every started sum is waited for, so no rank leaves one in flight.
             return [], []
         if self._scores_union(len(candidates)):
             return self._union_row_scores(ihvps, candidates, progress=progress)

@@ -448,3 +448,15 @@ def test_row_scores_reject_bad_candidate_tensors():
         candidates = [tensor, [1], [2], [3]]
         with pytest.raises(ValueError, match=r"candidate tensor must be 1-D with an integer dtype"):
             computer.row_scores(ihvps, candidates)
+
+
+def test_row_scores_waits_without_candidates(monkeypatch):
+    from lightning_fastif.distributed import PendingSum
+
+    computer, _, _, _ = row_scores_recorded("gradient")
+    waits = []
+    result = PendingSum.result
+    monkeypatch.setattr(PendingSum, "result", lambda self: waits.append(self) or result(self))
+    pending = PendingSum(torch.zeros(0, 5))
+    assert computer.row_scores(pending, []) == ([], [])
+    assert waits == [pending]
