@@ -37,13 +37,6 @@ def share(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum a tensor over ranks (a no-op without a process group) and return it."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 class PendingSum:
     """A tensor that is being summed over the ranks, so that the caller can work while the sum travels.
 
