@@ -406,7 +406,7 @@ def _position_tensor(positions: Sequence[int] | Tensor) -> Tensor:
 
 
 def _position_list(positions: Sequence[int] | Tensor) -> list[int]:
-    return _position_tensor(positions).tolist() if isinstance(positions, Tensor) else [int(i) for i in positions]
+    return _position_tensor(positions).tolist()
 
 
 def compute_influences(
