@@ -1,8 +1,9 @@
 """Benchmark FastIF against the original influence functions and other influence packages.
 
-The problem is L2-regularised logistic regression in float64 on a few hundred examples, fitted by Newton's
-method to machine precision, so leave-one-out (LOO) retraining of every training example is affordable and
-gives the ground truth (``benchmarks/peers/problem.py``). Every method runs in its own subprocess on the
+The problem is L2-regularised logistic regression in float64, fitted by Newton's method to machine
+precision. Leave-one-out (LOO) retraining of every training example gives the ground truth; each refit
+starts at the full fit and reuses its Hessian (``benchmarks/peers/problem.py``), so it stays affordable
+for thousands of examples and a thousand features. Every method runs in its own subprocess on the
 same saved problem and writes its ``[Q, N]`` scores, seconds and peak RSS back to a file:
 
 * ``original-exact``, ``original-lissa``: this package's ``InfluenceComputer`` scoring every training
@@ -32,6 +33,8 @@ Usage::
     python benchmarks/peers.py --rounds 3 --methods original-exact fastif-1 fastif-2
     python benchmarks/peers.py --setting minilm
     python benchmarks/peers.py --num-train 5000 --fastif-depth 100 --fastif-repeats 1 --fastif-lissa-batch-size 64
+    python benchmarks/peers.py --num-train 5000 --features 1000 --scale 20 --fastif-depth 100 --fastif-repeats 2 \
+        --fastif-lissa-batch-size 64
 """
 
 from __future__ import annotations
