@@ -44,12 +44,12 @@ def test_leave_one_out_fits_match_newton():
 
 def test_problem_loo_change_matches_newton():
     problem = load_benchmark_problem()
-    made = problem.make_problem(num_train=40, features=5, num_queries=3, weight_decay=0.01, seed=1)
+    logistic = problem.make_problem(num_train=40, features=5, num_queries=3, weight_decay=0.01, seed=1)
     for i in (0, 17, 39):
         keep = torch.ones(40, dtype=torch.float64)
         keep[i] = 0.0
-        newton = fit_logistic(made.x_train, made.y_train, 0.01, keep, init=made.theta)
-        expected = problem.query_losses(newton, made.x_query, made.y_query) - problem.query_losses(
-            made.theta, made.x_query, made.y_query
+        newton = fit_logistic(logistic.x_train, logistic.y_train, 0.01, keep, init=logistic.theta)
+        expected = problem.query_losses(newton, logistic.x_query, logistic.y_query) - problem.query_losses(
+            logistic.theta, logistic.x_query, logistic.y_query
         )
-        torch.testing.assert_close(made.loo_change[:, i], expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(logistic.loo_change[:, i], expected, rtol=0, atol=1e-12)

@@ -1,9 +1,10 @@
 """Print the eigenvalue range of a saved logistic problem's Hessian and the top eigenvalues of batch Hessians.
 
-LiSSA's scale must lie above the top eigenvalue of the Hessian of every batch it draws, or the recursion
-diverges, while its convergence slows with the ratio of the scale to the smallest eigenvalue of the
-damped Hessian. This script gives both for a ``problem.pt`` that ``benchmarks/peers.py`` saved. Batch
-Hessians hold the mean loss of examples drawn uniformly with replacement, without the L2 term.
+Each LiSSA step multiplies by ``1 - eigenvalue / scale`` along the eigenvectors of its batch Hessian. So
+the recursion diverges when a batch's top eigenvalue exceeds twice the scale, and it converges more slowly
+the larger the scale is against the smallest eigenvalue of the damped Hessian. This script prints both
+for a ``problem.pt`` that ``benchmarks/peers.py`` saved. A batch Hessian is that of the mean loss of
+examples drawn uniformly with replacement, without the L2 term.
 
 Usage: python benchmarks/peers/hessian_spectrum.py runs/peers/logistic_d1000/problem.pt --batch-sizes 16 64
 """

@@ -125,7 +125,7 @@ def leave_one_out_fits(x: Tensor, y: Tensor, weight_decay: float, theta: Tensor)
     """Yield the minimiser of the training objective without example ``i``, for each ``i`` in turn.
 
     Each refit starts at the full fit ``theta`` and runs the chord method: Newton steps that all use the
-    Hessian without example ``i`` at ``theta``, which is the full Hessian less one rank-one term, so its
+    Hessian without example ``i`` at ``theta``. That Hessian is the full one less a rank-one term, so its
     inverse comes from the full Hessian's inverse by the Sherman-Morrison formula. A refit then costs a few
     gradient passes instead of a ``[D, D]`` Hessian and solve per step, which makes LOO affordable for a
     thousand features. The iteration stops at steps below 1e-14, as :func:`fit_logistic` does, and its fixed
