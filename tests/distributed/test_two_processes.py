@@ -469,6 +469,69 @@ def test_fastif_scores_before_the_sum(tmp_path):
         assert all(kind == "gradients" for kind, _ in events[1:wait])
 
 
+class MixedDtypeModel(torch.nn.Module):
+    """A float32 hidden layer under a float64 output layer, with seeded weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.hidden = torch.nn.Linear(4, 3)
+        self.output = torch.nn.Linear(3, 2).double()
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.tanh(self.hidden(x.float())).double())
+
+
+def mixed_dtype_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def explain_mixed_dtype_queries():
+    from lightning_fastif.fastif import FastIF, FastIFConfig
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 4, generator=generator)
+    y = torch.randint(0, 2, (40,), generator=generator)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    config = FastIFConfig(k=8, damping=1e-2, scale=5.0, depth=40, repeats=2, batch_size=7, seed=3)
+    fastif = FastIF(MixedDtypeModel(), mixed_dtype_loss, lambda batch: batch[0], dataset, config=config)
+    results = fastif.explain((x[:4], y[:4]), mode="each")
+    return torch.stack([r.candidate_indices for r in results]), torch.stack([r.scores for r in results])
+
+
+def mixed_dtype_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    events = record_overlap_events()
+    try:
+        torch.set_num_threads(1)
+        candidates, scores = explain_mixed_dtype_queries()
+        torch.save({"candidates": candidates, "scores": scores, "events": events}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mixed_dtype_model_matches_one_process(tmp_path):
+    # float32 and float64 parameters on the overlap path: each rank's candidate gradients come before
+    # the wait for the LiSSA sum, and the scores are those of one process.
+    mp.spawn(mixed_dtype_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    candidates, scores = explain_mixed_dtype_queries()
+    assert torch.isfinite(scores).all()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(saved["candidates"], candidates)
+        assert saved["scores"].dtype == scores.dtype
+        torch.testing.assert_close(saved["scores"], scores, rtol=RTOL, atol=0)
+        events = saved["events"]
+        wait = events.index(("sum", True))
+        assert wait == len(events) - 1
+        assert wait >= 2
+        assert all(kind == "gradients" for kind, _ in events[1:wait])
+
+
 def test_row_scores_rejects_mismatched_rows():
     problem = logistic_problem(n=10)
     computer = InfluenceComputer(problem.model, problem.loss_fn, problem.dataset, solver="exact")
