@@ -428,23 +428,31 @@ def test_union_gradients_overlap_the_sum(tmp_path, overlap_elements):
             torch.testing.assert_close(saved["rows"][row], expected[row], rtol=RTOL, atol=0)
 
 
-def explain_logistic_queries():
-    from lightning_fastif.fastif import FastIF, FastIFConfig
+def explain_first_four(model, loss_fn, dataset, config):
+    """Return the candidates ``[4, k]`` and scores ``[4, k]`` of FastIF for the dataset's first 4 rows as queries."""
+    from lightning_fastif.fastif import FastIF
 
-    problem = logistic_problem(n=50)
-    config = FastIFConfig(k=8, damping=1e-3, scale=5.0, depth=40, repeats=2, batch_size=7, seed=3)
-    fastif = FastIF(problem.model, problem.loss_fn, lambda batch: batch[0], problem.dataset, config=config)
-    results = fastif.explain((problem.x[:4], problem.y[:4]), mode="each")
+    fastif = FastIF(model, loss_fn, lambda batch: batch[0], dataset, config=config)
+    results = fastif.explain(dataset[:4], mode="each")
     return torch.stack([r.candidate_indices for r in results]), torch.stack([r.scores for r in results])
 
 
-def fastif_overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def explain_logistic_queries():
+    from lightning_fastif.fastif import FastIFConfig
+
+    problem = logistic_problem(n=50)
+    config = FastIFConfig(k=8, damping=1e-3, scale=5.0, depth=40, repeats=2, batch_size=7, seed=3)
+    return explain_first_four(problem.model, problem.loss_fn, problem.dataset, config)
+
+
+def explain_overlap_worker(rank: int, world_size: int, store_path: str, out_dir: str, explain) -> None:
+    """Run ``explain()`` on one rank of a gloo group and save its candidates, scores and overlap events."""
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     events = record_overlap_events()
     try:
         torch.set_num_threads(1)
-        candidates, scores = explain_logistic_queries()
+        candidates, scores = explain()
         torch.save({"candidates": candidates, "scores": scores, "events": events}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -454,7 +462,8 @@ def test_fastif_scores_before_the_sum(tmp_path):
     # FastIF on a 10-parameter model scores the union of the 4 queries' candidates. Each rank computes the
     # 4 query gradients, runs one of the 2 repeats, and computes its candidates' gradients before it waits
     # for the sum of the repeats, which is still in flight.
-    mp.spawn(fastif_overlap_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "store"), str(tmp_path), explain_logistic_queries)
+    mp.spawn(explain_overlap_worker, args=args, nprocs=2, join=True)
     candidates, scores = explain_logistic_queries()
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
@@ -490,34 +499,21 @@ def mixed_dtype_loss(model, batch):
 
 
 def explain_mixed_dtype_queries():
-    from lightning_fastif.fastif import FastIF, FastIFConfig
+    from lightning_fastif.fastif import FastIFConfig
 
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(40, 4, generator=generator)
     y = torch.randint(0, 2, (40,), generator=generator)
     dataset = torch.utils.data.TensorDataset(x, y)
     config = FastIFConfig(k=8, damping=1e-2, scale=5.0, depth=40, repeats=2, batch_size=7, seed=3)
-    fastif = FastIF(MixedDtypeModel(), mixed_dtype_loss, lambda batch: batch[0], dataset, config=config)
-    results = fastif.explain((x[:4], y[:4]), mode="each")
-    return torch.stack([r.candidate_indices for r in results]), torch.stack([r.scores for r in results])
-
-
-def mixed_dtype_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    events = record_overlap_events()
-    try:
-        torch.set_num_threads(1)
-        candidates, scores = explain_mixed_dtype_queries()
-        torch.save({"candidates": candidates, "scores": scores, "events": events}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    return explain_first_four(MixedDtypeModel(), mixed_dtype_loss, dataset, config)
 
 
 def test_mixed_dtype_model_matches_one_process(tmp_path):
     # float32 and float64 parameters on the overlap path: each rank's candidate gradients come before
     # the wait for the LiSSA sum, and the scores are those of one process.
-    mp.spawn(mixed_dtype_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "store"), str(tmp_path), explain_mixed_dtype_queries)
+    mp.spawn(explain_overlap_worker, args=args, nprocs=2, join=True)
     candidates, scores = explain_mixed_dtype_queries()
     assert torch.isfinite(scores).all()
     for rank in range(2):
