@@ -90,6 +90,15 @@ def all_gather_columns(local: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat([block[:, :size] for block, size in zip(blocks, sizes, strict=True)], dim=1)
 
 
+def all_gather_equal(local: Tensor) -> list[Tensor]:
+    """Collect a tensor of the same shape and dtype from every rank, in rank order."""
+    if not is_distributed():
+        return [local]
+    blocks = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(blocks, local.contiguous())
+    return blocks
+
+
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """Send a picklable value from rank ``src`` to every rank and return it."""
     if not is_distributed():

@@ -26,7 +26,7 @@ from lightning_fastif.functional.params import ParameterSpec, influence_mode
 from lightning_fastif.functional.scores import TopInfluences, top_influences
 from lightning_fastif.functional.solvers import LiSSASolver
 from lightning_fastif.influence import InfluenceComputer, ScoreMethod, check_score_method
-from lightning_fastif.knn import KNNIndex, compute_features, weights_fingerprint
+from lightning_fastif.knn import KNNIndex, ShardedKNNIndex, compute_features, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class FastIF:
         collate_fn: Collates items of ``train_dataset``; defaults to ``default_collate``.
         parameters: The parameters to differentiate; see :func:`select_parameters`.
         config: FastIF settings.
-        index_path: When given, rank zero saves the index there after each rebuild.
+        index_path: When given, the index is saved there after each rebuild (see :meth:`refresh_index`).
     """
 
     def __init__(
@@ -187,7 +187,7 @@ class FastIF:
         )
         self.train_dataset = train_dataset
         self.collate_fn = self.computer.train.collate_fn
-        self.index: KNNIndex | None = None
+        self.index: KNNIndex | ShardedKNNIndex | None = None
         k = self.config.k
         if k is not None and k > len(self.computer.train):
             raise ValueError(
@@ -199,54 +199,60 @@ class FastIF:
     def num_train(self) -> int:
         return len(self.computer.train)
 
-    def refresh_index(self, *, progress: bool = False) -> KNNIndex:
-        """Return an index over features of the current weights, rebuilding it when the weights changed."""
+    def refresh_index(self, *, progress: bool = False) -> KNNIndex | ShardedKNNIndex:
+        """Return an index over features of the current weights, rebuilding it when the weights changed.
+
+        Under an initialised process group each rank computes the features of a contiguous share of the
+        training set. A flat index stays split: each rank indexes its share, and every search merges the
+        ranks' nearest neighbors (:class:`ShardedKNNIndex`). For an IVF or HNSW index the shares are
+        all-gathered and every rank indexes all rows, because an approximate index over a share finds other
+        neighbors. When ``index_path`` is set, rank zero saves a whole index there, and with a split flat
+        index every rank saves its shard to ``<stem>.rank<R><suffix>`` next to it.
+        """
         fingerprint = weights_fingerprint(self.model)
         if self.index is not None and not self.index.is_stale(fingerprint):
             return self.index
-        train_features = self._train_features(progress=progress)
-        self.index = KNNIndex(
-            train_features,
-            ids=torch.arange(self.num_train),
-            metric=self.config.metric,
-            index_type=self.config.index_type,
-            fingerprint=fingerprint,
-        )
-        if self.index_path is not None and rank_and_world()[0] == 0:
-            self.index.save(self.index_path)
-        log.info("Built a %s kNN index over %d training examples.", self.config.index_type, self.num_train)
-        return self.index
-
-    def _train_features(self, *, progress: bool) -> Tensor:
-        """Compute the kNN features ``[N, D]`` of the training set in dataset order.
-
-        Under an initialised process group each rank computes a contiguous share of the rows and the
-        shares are all-gathered, so every rank gets the whole matrix.
-        """
         rank, world_size = rank_and_world()
         if self.num_train < world_size:
             rank, world_size = 0, 1  # Too few examples to give every rank one: each computes them all.
         shares = [share(self.num_train, r, world_size) for r in range(world_size)]
         start, stop = shares[rank]
-        device = self.computer.device
+        features = self._train_features(start, stop, progress=progress and rank == 0)
+        options = dict(metric=self.config.metric, index_type=self.config.index_type, fingerprint=fingerprint)
+        if world_size > 1 and self.config.index_type == "flat":
+            local = KNNIndex(features, ids=torch.arange(start, stop), **options)
+            self.index = ShardedKNNIndex(local, self.num_train, device=self.computer.device)
+        else:
+            if world_size > 1:
+                # all_gather_columns joins [D, n_rank] blocks along dim 1. The gather runs on the model's
+                # device, which NCCL needs, and the index is built on the CPU.
+                local = features.T.contiguous().to(self.computer.device)
+                features = all_gather_columns(local, [b - a for a, b in shares]).T.contiguous().cpu()
+            self.index = KNNIndex(features, ids=torch.arange(self.num_train), **options)
+        if self.index_path is not None:
+            if isinstance(self.index, ShardedKNNIndex):
+                path = self.index_path
+                self.index.save(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+            elif rank_and_world()[0] == 0:
+                self.index.save(self.index_path)
+        log.info("Built a %s kNN index over %d training examples.", self.config.index_type, self.num_train)
+        return self.index
+
+    def _train_features(self, start: int, stop: int, *, progress: bool) -> Tensor:
+        """Compute the kNN features ``[stop - start, D]`` of training rows ``start:stop``, in dataset order."""
         # A TrainingSet indexes a TensorDataset with a whole batch of positions at once, where a DataLoader
         # reads and collates the examples one by one.
-        rows = TrainingSet(self.train_dataset, collate_fn=self.collate_fn, device=device, indices=range(start, stop))
+        rows = TrainingSet(
+            self.train_dataset, collate_fn=self.collate_fn, device=self.computer.device, indices=range(start, stop)
+        )
         batches = _FullPass(rows, self.config.feature_batch_size)
         with influence_mode(self.model):
-            local, _ = compute_features(
-                self.features_fn, batches, progress=progress and rank == 0, desc="kNN train features"
-            )
-        if local.shape[0] != stop - start:
+            features, _ = compute_features(self.features_fn, batches, progress=progress, desc="kNN train features")
+        if features.shape[0] != stop - start:
             raise ValueError(
-                f"The features function returned {local.shape[0]} rows for {stop - start} training examples."
+                f"The features function returned {features.shape[0]} rows for {stop - start} training examples."
             )
-        if world_size == 1:
-            return local
-        # all_gather_columns joins [D, n_rank] blocks along dim 1; the gather runs on the model's device,
-        # which NCCL needs, and the index is built on the CPU.
-        gathered = all_gather_columns(local.T.contiguous().to(device), [b - a for a, b in shares])
-        return gathered.T.contiguous().cpu()
+        return features
 
     def query_features(self, query_batch: Any) -> Tensor:
         """Return kNN features ``[B, D]`` of a query batch, validated like train features."""
@@ -274,8 +280,8 @@ class FastIF:
 
         One faiss search serves every row, so each row gets the candidates that :meth:`candidates` gives
         for that row alone. An approximate index marks missing neighbors with -1, which
-        :meth:`explain` drops. Every rank of a process group searches all rows. A split search would add an
-        exchange and a wait for the slower rank, and the search of a solve's queries is short next to LiSSA.
+        :meth:`explain` drops. Under a process group with a flat index every rank searches its shard for
+        all rows, and one exchange merges the shards' neighbors (:class:`ShardedKNNIndex`).
         """
         if self.config.k is None:
             return torch.arange(self.num_train).repeat(features.shape[0], 1)

@@ -25,8 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_fastif.distributed import all_gather_equal
+
 __all__ = [
     "KNNIndex",
+    "ShardedKNNIndex",
     "classifier_input_features",
     "compute_features",
     "weights_fingerprint",
@@ -424,20 +427,9 @@ class KNNIndex:
             ValueError: If ``k`` is out of range, the queries are not ``[Q, D]`` or are not finite.
         """
         self._validate_k(k)
-        matrix = _as_float32_matrix(queries, "queries")
-        self._validate_queries(matrix)
-        if self.metric == "cosine":
-            faiss.normalize_L2(matrix)
-
-        raw_distances, positions = self._index.search(matrix, k)  # [Q, k] each
-        missing = positions < 0
-        neighbor_ids = np.where(missing, -1, self.ids[np.clip(positions, 0, None)])
-        if self.metric == "cosine":
-            distances = 1.0 - raw_distances
-        else:
-            distances = np.sqrt(np.maximum(raw_distances, 0.0))
-        distances = np.where(missing, np.inf, distances).astype(np.float32)
-        return torch.from_numpy(distances), torch.from_numpy(neighbor_ids.astype(np.int64))
+        matrix = self._prepare_queries(queries)
+        raw_distances, neighbor_ids = self._search_raw(matrix, k)
+        return _to_distances(raw_distances, neighbor_ids, self.metric)
 
     def search_mean(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
         """Find the ``k`` nearest train rows of the mean feature of an anchor batch.
@@ -451,10 +443,7 @@ class KNNIndex:
         """
         matrix = _as_float32_matrix(queries, "queries")
         self._validate_queries(matrix)
-        if matrix.shape[0] == 0:
-            raise ValueError("search_mean got an empty anchor batch of shape (0, D). Pass at least one query.")
-        mean = matrix.mean(axis=0, dtype=np.float64, keepdims=True)  # [1, D]
-        distances, neighbor_ids = self.search(mean.astype(np.float32), k)
+        distances, neighbor_ids = self.search(_mean_query(matrix), k)
         return distances[0], neighbor_ids[0]
 
     def save(self, path: str | Path) -> None:
@@ -525,15 +514,22 @@ class KNNIndex:
         index._index = _maybe_to_gpu(cpu_index, index.index_type, use_gpu)
         return index
 
+    def _prepare_queries(self, queries: Tensor | np.ndarray) -> np.ndarray:
+        """Return validated float32 queries, normalised for the cosine metric."""
+        matrix = _as_float32_matrix(queries, "queries")
+        self._validate_queries(matrix)
+        if self.metric == "cosine":
+            faiss.normalize_L2(matrix)
+        return matrix
+
+    def _search_raw(self, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return faiss's distances ``[Q, k]`` (squared L2 or inner products) and ids ``[Q, k]``, -1 where missing."""
+        raw_distances, positions = self._index.search(matrix, k)
+        neighbor_ids = np.where(positions < 0, -1, self.ids[np.clip(positions, 0, None)])
+        return raw_distances, neighbor_ids.astype(np.int64)
+
     def _validate_k(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"k must be an int, got {type(k).__name__} ({k!r}).")
-        if k <= 0:
-            raise ValueError(f"k={k} is invalid: k must be at least 1 (the index size is {self.size}).")
-        if k > self.size:
-            raise ValueError(
-                f"k={k} exceeds the index size {self.size}. Pass k <= {self.size} or index more train examples."
-            )
+        _validate_k(k, self.size)
 
     def _validate_queries(self, matrix: np.ndarray) -> None:
         if matrix.shape[1] != self.dim:
@@ -545,6 +541,139 @@ class KNNIndex:
         inf_count = int(np.isinf(matrix).sum())
         if nan_count or inf_count:
             raise ValueError(f"The queries contain {nan_count} NaN and {inf_count} inf values. Pass finite features.")
+
+
+class ShardedKNNIndex:
+    """An exact kNN index split over the ranks of a process group.
+
+    Each rank has a flat :class:`KNNIndex` over its share of the training rows, searches it and sends its
+    ``k`` nearest to the other ranks. Every rank then keeps the ``k`` nearest of all shards, so all ranks
+    return the same result as one flat index over all rows, except where two rows are equally near at the
+    ``k``-th place or faiss rounds a distance differently for a smaller index. Ties are broken by the lower
+    id. Each search is a collective operation: every rank must call it with the same ``k`` and the same
+    number of queries.
+
+    Args:
+        local: This rank's flat index, whose ``ids`` are dataset indices.
+        size: Number of rows of all shards together.
+        device: Device of the tensors that the ranks exchange, which NCCL needs on the GPU.
+    """
+
+    def __init__(self, local: KNNIndex, size: int, device: torch.device | str = "cpu") -> None:
+        if local.index_type != "flat":
+            raise ValueError(
+                f"A ShardedKNNIndex needs flat shards, got index_type={local.index_type!r}. An approximate index "
+                "over a share finds other neighbors than one over all rows, so build it over all rows instead."
+            )
+        self.local = local
+        self._size = size
+        self.device = torch.device(device)
+
+    @property
+    def size(self) -> int:
+        """Number of indexed train rows ``N`` over all ranks."""
+        return self._size
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``D``."""
+        return self.local.dim
+
+    @property
+    def metric(self) -> Metric:
+        return self.local.metric
+
+    @property
+    def index_type(self) -> IndexType:
+        return self.local.index_type
+
+    @property
+    def fingerprint(self) -> str:
+        return self.local.fingerprint
+
+    def __repr__(self) -> str:
+        return f"ShardedKNNIndex(size={self.size}, local={self.local!r})"
+
+    def is_stale(self, fingerprint: str) -> bool:
+        """Return whether ``fingerprint`` differs from the one the shards were built with."""
+        return self.local.is_stale(fingerprint)
+
+    def search(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
+        """Find the ``k`` nearest train rows of each query over all shards; see :meth:`KNNIndex.search`."""
+        _validate_k(k, self.size)
+        matrix = self.local._prepare_queries(queries)
+        raw_distances, neighbor_ids = self.local._search_raw(matrix, min(k, self.local.size))
+        if neighbor_ids.shape[1] < k:
+            # A shard smaller than k sends its whole share, padded with missing entries to the common width.
+            padding = k - neighbor_ids.shape[1]
+            missing = np.inf if self.metric == "l2" else -np.inf
+            raw_distances = np.pad(raw_distances, ((0, 0), (0, padding)), constant_values=missing)
+            neighbor_ids = np.pad(neighbor_ids, ((0, 0), (0, padding)), constant_values=-1)
+        # One exchange carries both, because float64 represents every float32 distance and every id below 2**53 exactly.
+        packed = torch.from_numpy(np.concatenate([raw_distances.astype(np.float64), neighbor_ids], axis=1))
+        blocks = [block.cpu().numpy() for block in all_gather_equal(packed.to(self.device))]
+        raw_distances = np.concatenate([block[:, :k] for block in blocks], axis=1).astype(np.float32)
+        neighbor_ids = np.concatenate([block[:, k:] for block in blocks], axis=1).astype(np.int64)
+        raw_distances, neighbor_ids = merge_nearest(raw_distances, neighbor_ids, k, self.metric)
+        return _to_distances(raw_distances, neighbor_ids, self.metric)
+
+    def search_mean(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
+        """Find the ``k`` nearest train rows of an anchor batch's mean feature; see :meth:`KNNIndex.search_mean`."""
+        matrix = _as_float32_matrix(queries, "queries")
+        self.local._validate_queries(matrix)
+        distances, neighbor_ids = self.search(_mean_query(matrix), k)
+        return distances[0], neighbor_ids[0]
+
+    def save(self, path: str | Path) -> None:
+        """Write this rank's shard with :meth:`KNNIndex.save`; :meth:`KNNIndex.load` reads it back."""
+        self.local.save(path)
+
+
+def merge_nearest(
+    raw_distances: np.ndarray, neighbor_ids: np.ndarray, k: int, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the ``k`` nearest of each row of neighbor lists that several shards found.
+
+    Args:
+        raw_distances: faiss's distances ``[Q, M]``: squared L2 distances, or inner products for "cosine".
+        neighbor_ids: Ids ``[Q, M]``, -1 for a missing entry.
+        k: Neighbors kept per row, at most ``M``.
+        metric: ``"l2"`` (smaller is nearer) or ``"cosine"`` (larger is nearer).
+
+    Returns:
+        The kept distances and ids ``[Q, k]``, nearest first, ties in ascending id order, missing entries last.
+    """
+    farness = raw_distances if metric == "l2" else -raw_distances
+    farness = np.where(neighbor_ids < 0, np.inf, farness)
+    order = np.lexsort((neighbor_ids, farness), axis=-1)[:, :k]
+    return np.take_along_axis(raw_distances, order, axis=-1), np.take_along_axis(neighbor_ids, order, axis=-1)
+
+
+def _to_distances(raw_distances: np.ndarray, neighbor_ids: np.ndarray, metric: Metric) -> tuple[Tensor, Tensor]:
+    """Turn faiss's distances into :meth:`KNNIndex.search`'s: L2 distances, or cosine distances ``1 - cos``."""
+    missing = neighbor_ids < 0
+    if metric == "cosine":
+        distances = 1.0 - raw_distances
+    else:
+        distances = np.sqrt(np.maximum(raw_distances, 0.0))
+    distances = np.where(missing, np.inf, distances).astype(np.float32)
+    return torch.from_numpy(distances), torch.from_numpy(neighbor_ids.astype(np.int64))
+
+
+def _mean_query(matrix: np.ndarray) -> np.ndarray:
+    """Return the mean ``[1, D]`` of an anchor batch's features ``[A, D]``, summed in float64."""
+    if matrix.shape[0] == 0:
+        raise ValueError("search_mean got an empty anchor batch of shape (0, D). Pass at least one query.")
+    return matrix.mean(axis=0, dtype=np.float64, keepdims=True).astype(np.float32)
+
+
+def _validate_k(k: int, size: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__} ({k!r}).")
+    if k <= 0:
+        raise ValueError(f"k={k} is invalid: k must be at least 1 (the index size is {size}).")
+    if k > size:
+        raise ValueError(f"k={k} exceeds the index size {size}. Pass k <= {size} or index more train examples.")
 
 
 def _validate_options(

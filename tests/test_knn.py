@@ -18,7 +18,14 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from lightning_fastif.knn import KNNIndex, classifier_input_features, compute_features, weights_fingerprint
+from lightning_fastif.knn import (
+    KNNIndex,
+    ShardedKNNIndex,
+    classifier_input_features,
+    compute_features,
+    merge_nearest,
+    weights_fingerprint,
+)
 
 DISTANCE_RTOL = 1e-4
 DISTANCE_ATOL = 1e-5
@@ -154,6 +161,62 @@ def test_ivf_full_probe_equals_exact(metric):
 
     assert torch.equal(neighbors, expected_neighbors)
     torch.testing.assert_close(distances, expected_distances, rtol=DISTANCE_RTOL, atol=DISTANCE_ATOL)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_merged_shards_match_whole_index(metric):
+    train, queries = random_features(301, 12), random_features(25, 12, seed=1)
+    whole = KNNIndex(train, metric=metric)
+    expected_distances, expected_ids = whole._search_raw(whole._prepare_queries(queries), 40)
+    found = []
+    for start, stop in [(0, 100), (100, 130), (130, 301)]:
+        shard = KNNIndex(train[start:stop], ids=torch.arange(start, stop), metric=metric)
+        found.append(shard._search_raw(shard._prepare_queries(queries), min(40, stop - start)))
+    raw_distances = np.concatenate([distances for distances, _ in found], axis=1)
+    ids = np.concatenate([shard_ids for _, shard_ids in found], axis=1)
+    distances, merged_ids = merge_nearest(raw_distances, ids, 40, metric)
+    np.testing.assert_array_equal(merged_ids, expected_ids)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+def test_merge_nearest_breaks_ties_by_id():
+    raw_distances = np.array([[0.5, 0.2, 0.5, 0.2, 9.0]], dtype=np.float32)
+    ids = np.array([[7, 9, 3, 4, -1]])
+    distances, merged = merge_nearest(raw_distances, ids, 4, "l2")
+    assert merged.tolist() == [[4, 9, 3, 7]]
+    np.testing.assert_array_equal(distances, np.array([[0.2, 0.2, 0.5, 0.5]], dtype=np.float32))
+
+
+def test_merge_nearest_puts_missing_last():
+    # For cosine the raw values are inner products, so larger is nearer; a missing entry loses to any row.
+    raw_distances = np.array([[np.inf, 0.1, 0.9], [0.3, -np.inf, -0.5]], dtype=np.float32)
+    ids = np.array([[-1, 2, 5], [1, -1, 0]])
+    _, merged = merge_nearest(raw_distances, ids, 3, "cosine")
+    assert merged.tolist() == [[5, 2, -1], [1, 0, -1]]
+
+
+def test_sharded_index_without_process_group_is_its_shard():
+    train, queries = random_features(30, 5), random_features(4, 5, seed=1)
+    local = KNNIndex(train, ids=torch.arange(100, 130))
+    sharded = ShardedKNNIndex(local, size=30)
+    for got, expected in zip(sharded.search(queries, 7), local.search(queries, 7), strict=True):
+        assert torch.equal(got, expected)
+    for got, expected in zip(sharded.search_mean(queries, 7), local.search_mean(queries, 7), strict=True):
+        assert torch.equal(got, expected)
+    assert sharded.size == 30
+    assert sharded.dim == 5
+
+
+def test_sharded_index_rejects_approximate_shard():
+    local = KNNIndex(random_features(40, 4), index_type="hnsw")
+    with pytest.raises(ValueError, match=r"needs flat shards, got index_type='hnsw'"):
+        ShardedKNNIndex(local, size=80)
+
+
+def test_sharded_index_k_above_total_raises():
+    sharded = ShardedKNNIndex(KNNIndex(random_features(20, 4)), size=20)
+    with pytest.raises(ValueError, match=r"k=21 exceeds the index size 20"):
+        sharded.search(random_features(2, 4), 21)
 
 
 def test_ivf_missing_neighbors_are_marked():

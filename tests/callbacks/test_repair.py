@@ -259,9 +259,9 @@ def test_index_rebuilt_each_step(
     builds: list[str] = []
     train_features = FastIF._train_features
 
-    def recording(self: FastIF, *, progress: bool) -> Tensor:
+    def recording(self: FastIF, start: int, stop: int, *, progress: bool) -> Tensor:
         builds.append(weights_fingerprint(self.model))
-        return train_features(self, progress=progress)
+        return train_features(self, start, stop, progress=progress)
 
     monkeypatch.setattr(FastIF, "_train_features", recording)
     callback = repair_callback(task, tmp_path, strategies=["helpful", "harmful"], num_steps=3)
