@@ -69,7 +69,8 @@ class FastIFConfig:
         weight_decay: Coefficient of ``||theta||^2`` in the training objective; enters the Hessian.
         weight_decay_in_gradients: Also add the L2 gradient to query and train gradients.
         metric: kNN distance, "l2" or "cosine".
-        index_type: faiss index, "flat" (exact), "ivf" or "hnsw".
+        index_type: faiss index, "flat" (exact), "ivf" or "hnsw". Under a process group a flat index is split
+            over the ranks (see :meth:`FastIF.refresh_index`).
         feature_batch_size: Examples per batch when train features are computed.
         gradient_batch_size: Candidates per batch when per-example gradients are computed.
         score_method: "auto", "gradient" or "jvp", how candidates are scored; see :class:`InfluenceComputer`.
