@@ -207,8 +207,9 @@ class FastIF:
         training set. A flat index stays split: each rank indexes its share, and every search merges the
         ranks' nearest neighbors (:class:`ShardedKNNIndex`). For an IVF or HNSW index the shares are
         all-gathered and every rank indexes all rows, because an approximate index over a share finds other
-        neighbors. When ``index_path`` is set, rank zero saves a whole index there, and with a split flat
-        index every rank saves its shard to ``<stem>.rank<R><suffix>`` next to it.
+        neighbors. When ``index_path`` is set, rank zero saves the whole index there, except that each rank
+        saves its shard of a split flat index to ``<stem>.rank<R><suffix>`` next to it. Files from runs with
+        another number of processes are left as they are.
         """
         fingerprint = weights_fingerprint(self.model)
         if self.index is not None and not self.index.is_stale(fingerprint):
@@ -269,7 +270,11 @@ class FastIF:
         return features
 
     def candidates(self, features: Tensor) -> Tensor:
-        """Return the kNN candidate train indices ``[k]`` of one query's features ``[A, D]`` (their mean)."""
+        """Return the kNN candidate train indices ``[k]`` of one query's features ``[A, D]`` (their mean).
+
+        Under a process group with a flat index this is a collective operation, which every rank must
+        call together (see :class:`ShardedKNNIndex`).
+        """
         if self.config.k is None:
             return torch.arange(self.num_train)
         index = self.refresh_index()
@@ -282,7 +287,8 @@ class FastIF:
         One faiss search serves every row, so each row gets the candidates that :meth:`candidates` gives
         for that row alone. An approximate index marks missing neighbors with -1, which
         :meth:`explain` drops. Under a process group with a flat index every rank searches its shard for
-        all rows, and one exchange merges the shards' neighbors (:class:`ShardedKNNIndex`).
+        all rows, and one exchange merges the shards' neighbors (:class:`ShardedKNNIndex`), so every rank
+        must call this with the same number of rows.
         """
         if self.config.k is None:
             return torch.arange(self.num_train).repeat(features.shape[0], 1)
@@ -299,6 +305,9 @@ class FastIF:
         solver: LiSSASolver | None = None,
     ) -> list[QueryInfluence]:
         """Score the kNN candidates of each query and pick the most helpful and harmful.
+
+        Under a process group every rank must call this with the same queries, because the kNN search, the
+        LiSSA sum and the scores are exchanged between the ranks.
 
         Args:
             query_batch: A collated batch of query examples.

@@ -419,9 +419,9 @@ class KNNIndex:
             k: Number of neighbors, ``1 <= k <= size``.
 
         Returns:
-            Distances ``[Q, k]`` (float32, ascending) and dataset indices ``[Q, k]`` (int64, from
-            ``ids``). Approximate indexes can find fewer than ``k`` neighbors (IVF with a small
-            ``nprobe``), and the missing entries have index ``-1`` and distance ``inf``.
+            Distances ``[Q, k]`` (float32, ascending, equally near rows in ascending id order) and dataset
+            indices ``[Q, k]`` (int64, from ``ids``). Approximate indexes can find fewer than ``k`` neighbors
+            (IVF with a small ``nprobe``), and the missing entries have index ``-1`` and distance ``inf``.
 
         Raises:
             ValueError: If ``k`` is out of range, the queries are not ``[Q, D]`` or are not finite.
@@ -429,6 +429,9 @@ class KNNIndex:
         self._validate_k(k)
         matrix = self._prepare_queries(queries)
         raw_distances, neighbor_ids = self._search_raw(matrix, k)
+        # faiss 1.15 lists equally near rows by descending position for inner products. Sorting them by id
+        # gives every metric, and ShardedKNNIndex's merge, the same order.
+        raw_distances, neighbor_ids = merge_nearest(raw_distances, neighbor_ids, k, self.metric)
         return _to_distances(raw_distances, neighbor_ids, self.metric)
 
     def search_mean(self, queries: Tensor | np.ndarray, k: int) -> tuple[Tensor, Tensor]:
@@ -547,11 +550,12 @@ class ShardedKNNIndex:
     """An exact kNN index split over the ranks of a process group.
 
     Each rank has a flat :class:`KNNIndex` over its share of the training rows, searches it and sends its
-    ``k`` nearest to the other ranks. Every rank then keeps the ``k`` nearest of all shards, so all ranks
-    return the same result as one flat index over all rows, except where two rows are equally near at the
-    ``k``-th place or faiss rounds a distance differently for a smaller index. Ties are broken by the lower
-    id. Each search is a collective operation: every rank must call it with the same ``k`` and the same
-    number of queries.
+    ``k`` nearest to the other ranks. Every rank then keeps the ``k`` nearest of all shards, equally near
+    rows in ascending id order, as :meth:`KNNIndex.search` lists them. So all ranks return the result of one
+    flat index over all rows, unless faiss rounds a distance differently for a smaller index or keeps
+    another of several equally near rows at the ``k``-th place. Each search is a collective operation:
+    every rank must call it with the same ``k`` and the same number of queries, or the ranks wait until
+    the process group's timeout.
 
     Args:
         local: This rank's flat index, whose ``ids`` are dataset indices.

@@ -187,6 +187,14 @@ def test_merge_nearest_breaks_ties_by_id():
     np.testing.assert_array_equal(distances, np.array([[0.2, 0.2, 0.5, 0.5]], dtype=np.float32))
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_equally_near_rows_in_id_order(metric):
+    train = random_features(8, 4)
+    train[[2, 5, 6]] = train[0].clone()
+    _, neighbors = KNNIndex(train, ids=torch.arange(10, 18), metric=metric).search(train[:1], k=4)
+    assert neighbors.tolist() == [[10, 12, 15, 16]]
+
+
 def test_merge_nearest_puts_missing_last():
     # For cosine the raw values are inner products, so larger is nearer; a missing entry loses to any row.
     raw_distances = np.array([[np.inf, 0.1, 0.9], [0.3, -np.inf, -0.5]], dtype=np.float32)

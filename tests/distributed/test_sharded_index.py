@@ -17,7 +17,11 @@ SEARCHES = [("l2", 5), ("l2", 23), ("cosine", 5), ("cosine", 23)]
 
 def features_and_queries() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
-    return torch.randn(23, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    features, queries = torch.randn(23, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    # Rows 3, 15 and 20 copy row 0, across both shares, and the first query is row 0: equally near rows.
+    features[[3, 15, 20]] = features[0].clone()
+    queries[0] = features[0]
+    return features, queries
 
 
 def search_all(make_index) -> dict:
@@ -31,7 +35,7 @@ def search_all(make_index) -> dict:
 
 
 def init_gloo(rank: int, world_size: int, store_path: str) -> None:
-    # A file store: the test opens no port.
+    # A file store for the rendezvous, so the test reserves no port. gloo itself connects over loopback.
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
 

@@ -34,7 +34,7 @@ def scores_in_one_process(repeats=4, mode="mean"):
 
 
 def worker(rank: int, world_size: int, store_path: str, out_dir: str, repeats: int = 4, mode: str = "mean") -> None:
-    # A file store: the test opens no port.
+    # A file store for the rendezvous, so the test reserves no port. gloo itself connects over loopback.
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     work = {"repeats": [], "rows": [], "scored": 0}
