@@ -13,6 +13,11 @@ Run it with two processes on this machine::
 or in one process, with no process group, as ``python examples/torchrun_influences.py``. The query is
 the mean loss of a batch, a single ``s_test``, so only the LiSSA repeats can be split for it: use at least
 as many repeats as processes, or the extra ranks only score candidates.
+
+Then ``FastIF`` explains 4 queries from the ``k`` training examples nearest to each, with the inputs as
+kNN features. Under the process group each rank indexes and searches its share of the training set, the
+ranks merge their nearest neighbors, and each rank scores its share of the candidates. Every rank must
+call ``explain`` with the same queries.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_fastif import compute_influences
+from lightning_fastif import FastIF, FastIFConfig, compute_influences
 
 
 def logistic_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -54,6 +59,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=50, help="input features")
     parser.add_argument("--repeats", type=int, default=4, help="LiSSA repeats, split over the ranks")
     parser.add_argument("--depth", type=int, default=500, help="LiSSA steps per repeat")
+    parser.add_argument("--k", type=int, default=200, help="FastIF's kNN candidates per query")
     args = parser.parse_args()
 
     if "WORLD_SIZE" in os.environ:
@@ -91,6 +97,26 @@ def main() -> None:
         print(f"{world_size} process(es): {seconds:.2f} s for {len(scores)} training examples")
         print(f"most helpful training examples (negative scores): {helpful}")
         print(f"their scores: {[round(float(scores[i]), 4) for i in helpful]}")
+
+    config = FastIFConfig(
+        k=args.k,
+        damping=0.0,
+        scale=2.0,
+        depth=args.depth,
+        repeats=args.repeats,
+        batch_size=32,
+        weight_decay=weight_decay,
+    )
+    fastif = FastIF(model, logistic_loss, lambda batch: batch[0], TensorDataset(x, y), config=config)
+    start = time.perf_counter()
+    results = fastif.explain((x[:4], 1 - y[:4]), mode="each")
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        print(f"FastIF, {world_size} process(es): {seconds:.2f} s for 4 queries, {args.k} candidates each")
+        for query, result in enumerate(results):
+            helpful = result.top.helpful_indices[:3].tolist()
+            values = [round(float(score), 6) for score in result.top.helpful_scores[:3]]
+            print(f"query {query}: most helpful candidates {helpful}, scores {values}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

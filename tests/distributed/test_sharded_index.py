@@ -1,5 +1,8 @@
 """ShardedKNNIndex and FastIF's split flat index under two gloo CPU processes."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -106,3 +109,25 @@ def test_fastif_gathers_approximate_index(tmp_path):
     whole = KNNIndex.load(tmp_path / "knn.index")
     assert whole.ids.tolist() == list(range(50))
     assert not list(tmp_path.glob("knn.rank*"))
+
+
+def run_torchrun_example(*launcher: str) -> list[str]:
+    """Run the torchrun example with smaller settings and return its output lines without the timings."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "torchrun_influences.py"
+    options = ["--num-train", "600", "--depth", "100", "--k", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launcher, str(script), *options], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if "process(es)" not in line]
+
+
+def test_torchrun_example_matches_one_process():
+    # torchrun's standalone rendezvous listens on a free loopback port only.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    single = run_torchrun_example(sys.executable)
+    double = run_torchrun_example(*torchrun)
+    assert len(single) == 6
+    assert single[2].startswith("query 0: most helpful candidates")
+    assert double == single
