@@ -608,11 +608,11 @@ class ShardedKNNIndex:
         matrix = self.local._prepare_queries(queries)
         raw_distances, neighbor_ids = self.local._search_raw(matrix, min(k, self.local.size))
         if neighbor_ids.shape[1] < k:
-            # A shard smaller than k sends its whole share, padded with missing entries to the common width.
-            padding = k - neighbor_ids.shape[1]
-            missing = np.inf if self.metric == "l2" else -np.inf
-            raw_distances = np.pad(raw_distances, ((0, 0), (0, padding)), constant_values=missing)
-            neighbor_ids = np.pad(neighbor_ids, ((0, 0), (0, padding)), constant_values=-1)
+            # A shard smaller than k sends its whole share, padded with missing entries (id -1) to the common
+            # width. merge_nearest puts missing entries last whatever their distance.
+            padding = ((0, 0), (0, k - neighbor_ids.shape[1]))
+            raw_distances = np.pad(raw_distances, padding, constant_values=np.inf)
+            neighbor_ids = np.pad(neighbor_ids, padding, constant_values=-1)
         # One exchange carries both, because float64 represents every float32 distance and every id below 2**53 exactly.
         packed = torch.from_numpy(np.concatenate([raw_distances.astype(np.float64), neighbor_ids], axis=1))
         blocks = [block.cpu().numpy() for block in all_gather_equal(packed.to(self.device))]

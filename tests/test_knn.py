@@ -196,7 +196,7 @@ def test_equally_near_rows_in_id_order(metric):
 
 
 def test_merge_nearest_puts_missing_last():
-    # For cosine the raw values are inner products, so larger is nearer; a missing entry loses to any row.
+    # For cosine the raw values are inner products, so larger is nearer. A missing entry loses to any row.
     raw_distances = np.array([[np.inf, 0.1, 0.9], [0.3, -np.inf, -0.5]], dtype=np.float32)
     ids = np.array([[-1, 2, 5], [1, -1, 0]])
     _, merged = merge_nearest(raw_distances, ids, 3, "cosine")
