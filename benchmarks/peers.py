@@ -15,6 +15,8 @@ same saved problem and writes its ``[Q, N]`` scores, seconds and peak RSS back t
   ``--depth``, ``--repeats`` and ``--lissa-batch-size``;
 * ``dattri``, ``pydvl``, ``kronfluence``, ``captum``: the peers, each with the python of its own virtual
   environment under ``benchmarks/.venvs/<peer>`` (``bash benchmarks/peers/setup.sh`` creates them).
+  dattri reruns LiSSA for each batch of ``--dattri-train-batch-size`` training pairs that it scores, so
+  ``--dattri-on-candidates`` lets it score only fastif-1's candidates, where scoring every pair is too slow.
 
 ``--setting minilm`` runs every method but ``original-exact`` on all-MiniLM-L6-v2 and bundled MNLI pairs,
 at a reduced scale and without LOO ground truth, with ``original-lissa`` as the reference. This package's
@@ -292,6 +294,17 @@ def parse_args() -> argparse.Namespace:
         help="minilm: Lightning checkpoint of an NLIClassifier, such as the main job's "
         "runs/mnli_hans/checkpoints/minilm-mnli.ckpt (default: the pretrained encoder with a fresh seeded head)",
     )
+    parser.add_argument(
+        "--dattri-on-candidates",
+        action="store_true",
+        help="dattri scores only the candidates of fastif-1 in this run, each query on its own, as FastIF does",
+    )
+    parser.add_argument(
+        "--dattri-train-batch-size",
+        type=int,
+        default=100,
+        help="training examples per batch of dattri's attribute, which reruns LiSSA for each batch (default 100)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each method; the table gives the median")
     parser.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], help="default: all that the setting runs")
     parser.add_argument("--out-dir", type=Path, help="folder for all files (default runs/peers/<setting>)")
@@ -312,6 +325,15 @@ def parse_args() -> argparse.Namespace:
             f"--checkpoint {args.checkpoint} is not a file. Run `bash examples/mnli_hans/run.sh` to train the main "
             "job's checkpoint, or leave the option out."
         )
+    if args.dattri_on_candidates:
+        methods = args.methods
+        if "dattri" not in methods or "fastif-1" not in methods or methods.index("fastif-1") > methods.index("dattri"):
+            parser.error(
+                f"--dattri-on-candidates needs fastif-1 before dattri in --methods, got {' '.join(methods)}; "
+                "for example --methods fastif-1 dattri."
+            )
+    if args.dattri_train_batch_size < 1:
+        parser.error(f"--dattri-train-batch-size must be at least 1, got {args.dattri_train_batch_size}.")
     if args.out_dir is None:
         args.out_dir = REPO_ROOT / "runs" / "peers" / args.setting
     return args
@@ -334,6 +356,7 @@ def main() -> None:
         "k": args.k,
         "metric": args.knn_metric,
         "score_method": args.score_method,
+        "dattri_train_batch_size": args.dattri_train_batch_size,
         # FastIF's own LiSSA settings. run_ours.py puts them over the shared ones for fastif-1 and fastif-2.
         "fastif_lissa": {
             "depth": args.depth if args.fastif_depth is None else args.fastif_depth,
@@ -384,6 +407,10 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds}: {method}", flush=True)
             run_method(method, problem_path, args.out_dir, settings, round_index, runs[method])
             loads.append(os.getloadavg()[0])
+            if method == "fastif-1" and args.dattri_on_candidates and runs[method].results:
+                candidates_path = args.out_dir / "fastif-1.candidates.pt"
+                torch.save(runs[method].results[-1]["candidates"], candidates_path)
+                settings["dattri_candidates"] = str(candidates_path)
     if not runs[reference_method].results:
         raise RuntimeError(f"The reference method {reference_method} failed: {runs[reference_method].error}")
     reference = runs[reference_method].results[-1]
@@ -405,6 +432,11 @@ def main() -> None:
         f"- 1-minute load average: {min(loads):.2f} to {max(loads):.2f} over the runs "
         f"(start {loads[0]:.2f}, end {loads[-1]:.2f}).",
     ]
+    if args.dattri_on_candidates:
+        lines.append(
+            "- dattri scored only fastif-1's candidates, each query on its own, with the Hessian over all "
+            f"{reference['scores'].shape[1]} training examples; its time per query covers those candidates only."
+        )
     if failed:
         lines.append("- Not run or failed: " + "; ".join(f"{name}: {error}" for name, error in failed.items()) + ".")
     report = "\n".join(lines) + "\n\n" + markdown_table(rows) + "\n"
