@@ -302,8 +302,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--dattri-train-batch-size",
         type=int,
-        default=100,
-        help="training examples per batch of dattri's attribute, which reruns LiSSA for each batch (default 100)",
+        help="training examples per batch of dattri's attribute, which reruns LiSSA for each batch "
+        "(default 64 logistic, 100 minilm)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each method; the table gives the median")
     parser.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], help="default: all that the setting runs")
@@ -325,6 +325,8 @@ def parse_args() -> argparse.Namespace:
             f"--checkpoint {args.checkpoint} is not a file. Run `bash examples/mnli_hans/run.sh` to train the main "
             "job's checkpoint, or leave the option out."
         )
+    if args.dattri_on_candidates and args.setting != "minilm":
+        parser.error(f"--dattri-on-candidates needs --setting minilm, got --setting {args.setting}.")
     if args.dattri_on_candidates:
         methods = args.methods
         if "dattri" not in methods or "fastif-1" not in methods or methods.index("fastif-1") > methods.index("dattri"):
@@ -332,7 +334,7 @@ def parse_args() -> argparse.Namespace:
                 f"--dattri-on-candidates needs fastif-1 before dattri in --methods, got {' '.join(methods)}; "
                 "for example --methods fastif-1 dattri."
             )
-    if args.dattri_train_batch_size < 1:
+    if args.dattri_train_batch_size is not None and args.dattri_train_batch_size < 1:
         parser.error(f"--dattri-train-batch-size must be at least 1, got {args.dattri_train_batch_size}.")
     if args.out_dir is None:
         args.out_dir = REPO_ROOT / "runs" / "peers" / args.setting

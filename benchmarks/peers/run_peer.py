@@ -66,6 +66,9 @@ from problem import (  # noqa: E402
     minilm_logits,
 )
 
+# Training examples per batch of dattri's `attribute` on the logistic problem, unless the driver sets one.
+DATTRI_LOGISTIC_TRAIN_BATCH_SIZE = 64
+
 
 def run_dattri(problem: Problem, settings: dict, workdir: Path) -> Tensor:
     from dattri.algorithm import IFAttributorLiSSA
@@ -89,7 +92,8 @@ def run_dattri(problem: Problem, settings: dict, workdir: Path) -> Tensor:
         scaling=settings["scale"],
     )
     num_train = problem.x_train.shape[0]
-    train_loader = DataLoader(problem.train_dataset(), batch_size=64, shuffle=False)
+    batch_size = settings.get("dattri_train_batch_size") or DATTRI_LOGISTIC_TRAIN_BATCH_SIZE
+    train_loader = DataLoader(problem.train_dataset(), batch_size=batch_size, shuffle=False)
     query_loader = DataLoader(problem.query_dataset(), batch_size=problem.x_query.shape[0], shuffle=False)
     # As in run_dattri_minilm: no_grad keeps autograd from recording dattri's LiSSA steps.
     with torch.no_grad():
@@ -267,7 +271,7 @@ def run_dattri_minilm(
     # The parameters require grad, so without no_grad autograd records every LiSSA step on top of dattri's
     # torch.func transforms and the memory grows with the depth. At depth 200 on 100 training pairs the
     # process peaked at 21,685 MiB without it and 7,394 MiB with it. torch.func ignores an enclosing no_grad.
-    batch_size = settings.get("dattri_train_batch_size", DATTRI_TRAIN_BATCH_SIZE)
+    batch_size = settings.get("dattri_train_batch_size") or DATTRI_TRAIN_BATCH_SIZE
     with torch.no_grad():
         # dattri sums the ihvp over the batches of the full training loader, so the loader must be one batch.
         attributor.cache(DataLoader(train, batch_size=len(train), shuffle=False))
@@ -452,7 +456,10 @@ def main() -> None:
         problem = load_problem(Path(problem_path))
 
         if candidates is not None:
-            raise ValueError("dattri scores fastif-1's candidates only in the minilm setting; use --setting minilm.")
+            raise ValueError(
+                f"dattri_candidates is set to {settings['dattri_candidates']}, but dattri scores candidates only "
+                "in the minilm setting. Run peers.py with --setting minilm or without --dattri-on-candidates."
+            )
 
         def run(workdir: Path) -> Tensor:
             return RUNNERS[peer](problem, settings, workdir)
