@@ -407,6 +407,10 @@ def main() -> None:
     for round_index in range(args.rounds):
         for method in methods:
             print(f"round {round_index + 1}/{args.rounds}: {method}", flush=True)
+            if method == "dattri" and args.dattri_on_candidates and "dattri_candidates" not in settings:
+                # Without candidates dattri would score every pair, which --dattri-on-candidates is there to avoid.
+                runs[method].error = f"not run, because fastif-1 failed ({runs['fastif-1'].error})"
+                continue
             run_method(method, problem_path, args.out_dir, settings, round_index, runs[method])
             loads.append(os.getloadavg()[0])
             if method == "fastif-1" and args.dattri_on_candidates and runs[method].results:
