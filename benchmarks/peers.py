@@ -331,8 +331,8 @@ def parse_args() -> argparse.Namespace:
         methods = args.methods
         if "dattri" not in methods or "fastif-1" not in methods or methods.index("fastif-1") > methods.index("dattri"):
             parser.error(
-                f"--dattri-on-candidates needs fastif-1 before dattri in --methods, got {' '.join(methods)}; "
-                "for example --methods fastif-1 dattri."
+                f"--dattri-on-candidates needs fastif-1 before dattri in --methods, got {' '.join(methods)}. "
+                "List fastif-1 first, for example --methods fastif-1 dattri."
             )
     if args.dattri_train_batch_size is not None and args.dattri_train_batch_size < 1:
         parser.error(f"--dattri-train-batch-size must be at least 1, got {args.dattri_train_batch_size}.")
@@ -441,7 +441,7 @@ def main() -> None:
     if args.dattri_on_candidates:
         lines.append(
             "- dattri scored only fastif-1's candidates, each query on its own, with the Hessian over all "
-            f"{reference['scores'].shape[1]} training examples; its time per query covers those candidates only."
+            f"{reference['scores'].shape[1]} training examples. Its time per query covers those candidates only."
         )
     if failed:
         lines.append("- Not run or failed: " + "; ".join(f"{name}: {error}" for name, error in failed.items()) + ".")

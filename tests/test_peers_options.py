@@ -22,12 +22,12 @@ def run_driver(*options: str) -> subprocess.CompletedProcess:
         ),
         (
             ["--setting", "minilm", "--dattri-on-candidates", "--methods", "dattri", "fastif-1"],
-            "--dattri-on-candidates needs fastif-1 before dattri in --methods, got dattri fastif-1; "
-            "for example --methods fastif-1 dattri.",
+            "--dattri-on-candidates needs fastif-1 before dattri in --methods, got dattri fastif-1. "
+            "List fastif-1 first, for example --methods fastif-1 dattri.",
         ),
         (
             ["--setting", "minilm", "--dattri-on-candidates", "--methods", "dattri"],
-            "--dattri-on-candidates needs fastif-1 before dattri in --methods, got dattri;",
+            "--dattri-on-candidates needs fastif-1 before dattri in --methods, got dattri.",
         ),
         (
             ["--setting", "minilm", "--dattri-train-batch-size", "0"],

@@ -240,7 +240,7 @@ def freeze_outside(model: nn.Module, names: list[str]) -> None:
 def run_dattri_minilm(
     problem: MiniLMProblem, model: nn.Module, settings: dict, workdir: Path, candidates: Tensor | None = None
 ) -> Tensor:
-    """Return dattri's scores ``[Q, N]``: of every training pair, or only of ``candidates[q]`` (NaN elsewhere)."""
+    """Score the training pairs with dattri's LiSSA: all of them, or only ``candidates[q]`` (NaN elsewhere)."""
     from dattri.algorithm import IFAttributorLiSSA
     from dattri.task import AttributionTask
 
